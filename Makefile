@@ -1,0 +1,45 @@
+# Two entry points do all set-up on a fresh machine:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch, installed before anything else so that no CUDA build is pulled in.
+# On a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip -q --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+export MLFLOW_ENABLE_TELEMETRY ?= false
+
+.PHONY: install run test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+SHELL := /bin/bash
+
+## run the whole chain on the embedded default (tiny model, demo photos, local MLflow)
+run: install
+	$(VENV)/bin/dvc repro
+	$(VENV)/bin/fluxfill summary
+
+## the whole test suite (CPU, no network)
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check fluxfill flows tests bench
+
+clean:
+	rm -rf data/prepared data/latents models metrics plots eval checkpoints mlflow.db mlartifacts

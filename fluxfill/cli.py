@@ -1,0 +1,78 @@
+"""``fluxfill`` command line: thin wrappers over the library, one sub-command per DVC stage.
+
+Every stage reads ``params.yaml`` (``--params FILE``) with ``--set section.key=value`` overrides,
+validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import textwrap
+
+from .config import ConfigError, FluxfillError, load_params
+
+# name -> (module, help); each module exposes add_arguments(parser) and run(params, args)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shapes": ("fluxfill.shapes", "print the tensor shapes of the diptych contract, computed by running it"),
+    "prepare": ("fluxfill.data", "build the triptych dataset in data/prepared (demo, folder or manifest)"),
+    "encode": ("fluxfill.encode", "encode data/prepared into the latent cache data/latents"),
+    "train": ("fluxfill.train", "train LoRA + fusion weight from the latent cache into models/"),
+    "evaluate": ("fluxfill.evaluate", "generate validation panels, score them against targets and baselines"),
+    "compare": ("fluxfill.compare", "compare MLflow runs side by side in the terminal"),
+    "summary": ("fluxfill.summary", "print where to look after a run: MLflow run, metrics, sample grids"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fluxfill",
+        description="Fine-tune FLUX.1-Fill-dev with in-context diptych training and a learnable fusion weight.",
+        epilog="Each stage is also a DVC stage (`dvc repro`) and a Prefect flow (flows/).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        doc = textwrap.dedent(module.__doc__ or help_text).strip()
+        p = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--params", default=None, help="params file (default: ./params.yaml)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override one setting, e.g. --set train.max_steps=5 (repeatable; the value is YAML)",
+        )
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        params = load_params(args.params, args.overrides)
+        result = args._module.run(params, args)
+    except ConfigError as e:
+        print(f"fluxfill {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fluxfill {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except FluxfillError as e:
+        print(f"fluxfill {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
