@@ -1,0 +1,248 @@
+"""Model presets: the FLUX.1-Fill components, built or loaded one at a time.
+
+- ``tiny``: the real classes (FluxTransformer2DModel with ``in_channels=384``, AutoencoderKL with 16 latent
+  channels, CLIP/T5 text encoders with real tokenizer objects, CLIP vision) from small configs, seeded, CPU.
+- ``flux-fill-dev``: ``black-forest-labs/FLUX.1-Fill-dev`` + a CLIP vision tower, by hub id or local folder
+  (``HF_HUB_OFFLINE=1`` is respected; nothing is downloaded on a machine without network).
+- ``flux-fill-dev-random``: the full-size architecture from configs shipped in ``fluxfill/configs``,
+  random weights; on the ``meta`` device for shape checks, or on a GPU for benchmarks.
+
+Components are loaded by name (:func:`load_component`) so a stage can hold one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .config import FluxfillError, ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+              "image_encoder", "image_processor", "scheduler")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Small configs of the same classes; every size that matters to the contract (384 in, 64 out, 16 latent
+# channels, 8x VAE) is the real one.
+TINY = {
+    "transformer": dict(patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+    "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    "image_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
+                          num_attention_heads=4, image_size=32, patch_size=8),
+}
+TINY_CLIP_MAX_LENGTH = 256
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def best_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+@cache
+def tiny_tokenizers(clip_max_length: int = TINY_CLIP_MAX_LENGTH):
+    """Real CLIP and T5 tokenizer objects with small in-code vocabularies (byte-level BPE / character Unigram).
+
+    Different prompts give different ids; no file or network is needed.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab.setdefault(ch + suffix, len(vocab))
+    clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=clip_max_length)
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [("\u2581" + ch, -3.0), (ch, -4.0)]
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return clip, t5
+
+
+# ----------------------------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build(name: str, cfg: dict, device: torch.device, dtype: torch.dtype, seed: int | None):
+    """Instantiate one component from a config dict, random weights (seeded when ``seed`` is given)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "model_type"}
+    builders = {
+        "transformer": lambda: FluxTransformer2DModel.from_config(cfg),
+        "vae": lambda: AutoencoderKL.from_config(cfg),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg)),
+        "text_encoder_2": lambda: T5EncoderModel(T5Config(**cfg)),
+        "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)),
+    }
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with fork, _default_dtype(dtype if dtype.is_floating_point else torch.float32), torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        module = builders[name]()
+    return module.eval().requires_grad_(False)
+
+
+def _shipped_configs() -> dict[str, dict]:
+    configs = json.loads((CONFIG_DIR / "flux-fill-dev-text-encoders.json").read_text())
+    for name in ("transformer", "vae"):
+        configs[name] = json.loads((CONFIG_DIR / f"flux-fill-dev-{name}.json").read_text())
+    return configs
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = json.loads((CONFIG_DIR / "flux-fill-dev-scheduler.json").read_text())
+    return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+
+
+def _image_processor(size: int):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
+    """Load one component of FLUX.1-Fill-dev (hub id or local folder) or of the CLIP vision tower."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    loaders = {
+        "transformer": (FluxTransformer2DModel, cfg.pretrained, "transformer"),
+        "vae": (AutoencoderKL, cfg.pretrained, "vae"),
+        "text_encoder": (CLIPTextModel, cfg.pretrained, "text_encoder"),
+        "text_encoder_2": (T5EncoderModel, cfg.pretrained, "text_encoder_2"),
+        "tokenizer": (CLIPTokenizer, cfg.pretrained, "tokenizer"),
+        "tokenizer_2": (T5TokenizerFast, cfg.pretrained, "tokenizer_2"),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, cfg.pretrained, "scheduler"),
+        "image_encoder": (CLIPVisionModelWithProjection, cfg.image_encoder, None),
+        "image_processor": (CLIPImageProcessorPil, cfg.image_encoder, None),
+    }
+    cls, source, subfolder = loaders[name]
+    kwargs = {"revision": cfg.revision} if cfg.revision and source == cfg.pretrained else {}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if name in ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
+        kwargs["torch_dtype"] = dtype
+    try:
+        obj = cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(source).expanduser()
+        where = f"local folder {local}" if local.exists() else f"hub id {source!r}"
+        raise FluxfillError(
+            f"cannot load {name} of preset {cfg.preset!r} from {where}"
+            + (f" (subfolder {subfolder!r})" if subfolder else "")
+            + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+            "Download the weights on a machine with network (`huggingface-cli download "
+            f"{source}`) and point model.pretrained / model.image_encoder at the folder, or set HF_HOME to "
+            "a cache that holds them (HF_HUB_OFFLINE=1 stops all network access)."
+        ) from None
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.to(device).eval().requires_grad_(False)
+    return obj
+
+
+def load_component(cfg: ModelConfig, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """One component of the preset in ``cfg``, on ``device`` (weights frozen, eval mode)."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
+    device = torch.device(device)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    if cfg.preset == "flux-fill-dev":
+        return _load_pretrained(cfg, name, device, dtype)
+    if name == "scheduler":
+        return _scheduler()
+    if cfg.preset == "tiny":
+        if name in ("tokenizer", "tokenizer_2"):
+            return tiny_tokenizers()[0 if name == "tokenizer" else 1]
+        if name == "image_processor":
+            return _image_processor(TINY["image_encoder"]["image_size"])
+        clip, t5 = tiny_tokenizers()
+        config = dict(TINY[name])
+        if name == "text_encoder":
+            config["vocab_size"] = len(clip)
+        if name == "text_encoder_2":
+            config["vocab_size"] = len(t5)
+        return _build(name, config, device, dtype, seed=COMPONENTS.index(name))
+    # flux-fill-dev-random: the full architecture, random weights (seeded off meta)
+    configs = _shipped_configs()
+    if name in ("tokenizer", "tokenizer_2"):
+        return tiny_tokenizers(configs["text_encoder"]["max_position_embeddings"])[0 if name == "tokenizer" else 1]
+    if name == "image_processor":
+        return _image_processor(configs["image_encoder"]["image_size"])
+    return _build(name, configs[name], device, dtype, seed=None if device.type == "meta" else 0)
+
+
+def load_pipeline(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  components: dict | None = None):
+    """A ``FluxFillPipeline`` of the preset; ``components`` passes already loaded parts (e.g. a LoRA transformer)."""
+    from diffusers import FluxFillPipeline
+
+    parts = dict(components or {})
+    for name in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+        if name not in parts:
+            parts[name] = load_component(cfg, name, device, dtype)
+    pipe = FluxFillPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def max_sequence_length(cfg: ModelConfig) -> int:
+    """T5 tokens per prompt: ``model.max_sequence_length``."""
+    return cfg.max_sequence_length
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

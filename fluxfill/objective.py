@@ -1,0 +1,78 @@
+"""The training objective (DESIGN §3): rectified flow matching on the Fill transformer.
+
+    σ ~ sigmoid(N(0, 1)) per sample              (logit-normal, no shift)
+    x_t = (1 - σ) x_0 + σ ε                     target velocity v = ε - x_0
+    hidden_states = cat(x_t, x_cond)            [B, N, 64 + 320 = 384]
+    loss = MSE(transformer(hidden_states, timestep=σ, guidance=1.0, pooled'), v) over all or target tokens
+
+The transformer scales ``timestep`` and ``guidance`` by 1000 inside, as ``FluxFillPipeline`` relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .latents import make_x_cond, target_token_mask
+
+BATCH_KEYS = ("x_0", "masked_latents", "mask_latents", "prompt_embeds", "pooled_prompt_embeds", "img_ids", "txt_ids")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor            # [] fp32
+    model_output: torch.Tensor    # [B, N, 64] velocity prediction
+    target: torch.Tensor          # [B, N, 64] ε - x_0
+    sigma: torch.Tensor           # [B]
+    hidden_states: torch.Tensor   # [B, N, 384]
+    pooled: torch.Tensor          # [B, P] fused pooled embedding fed to AdaLN
+
+
+def sample_sigma(batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logit-normal σ in (0, 1), one per sample: ``[B]``."""
+    return torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
+
+
+def fused_pooled(fusion, batch: dict) -> torch.Tensor:
+    """``[B, P]``: the pooled embedding the transformer sees (training and inference share this call)."""
+    return fusion(batch["pooled_prompt_embeds"], batch.get("image_embeds"))
+
+
+def flow_matching_step(transformer, fusion, batch: dict, loss_region: str = "all", guidance: float = 1.0,
+                       generator: torch.Generator | None = None) -> StepOutput:
+    """One training forward pass on cached tensors; returns the loss and what went in and out."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; a training batch holds {BATCH_KEYS} (+ image_embeds for fusion)")
+    dtype = transformer.dtype
+    x_0 = batch["x_0"].float()  # [B, N, 64]
+    b = x_0.shape[0]
+    sigma = sample_sigma(b, x_0.device, generator)  # [B]
+    noise = torch.randn(x_0.shape, device=x_0.device, generator=generator)  # [B, N, 64]
+    s = sigma[:, None, None]  # [B, 1, 1]
+    x_t = (1 - s) * x_0 + s * noise  # [B, N, 64]
+    target = noise - x_0  # [B, N, 64]
+    x_cond = make_x_cond(batch["masked_latents"], batch["mask_latents"])  # [B, N, 320]
+    hidden_states = torch.cat((x_t.to(dtype), x_cond.to(dtype)), dim=2)  # [B, N, 384]
+    pooled = fused_pooled(fusion, batch)  # [B, P]
+    model_output = transformer(
+        hidden_states=hidden_states,
+        timestep=sigma.to(dtype),
+        guidance=torch.full((b,), guidance, device=x_0.device, dtype=dtype),
+        pooled_projections=pooled.to(dtype),
+        encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+        txt_ids=batch["txt_ids"],
+        img_ids=batch["img_ids"],
+        return_dict=False,
+    )[0]  # [B, N, 64]
+    err = (model_output.float() - target) ** 2  # [B, N, 64]
+    if loss_region == "all":
+        loss = err.mean()
+    elif loss_region == "target":
+        tokens = target_token_mask(batch["mask_latents"]).expand(b, -1)  # [B, N]
+        loss = err[tokens].mean()
+    else:
+        raise ValueError(f"loss_region {loss_region!r}: expected 'all' or 'target'")
+    return StepOutput(loss=loss, model_output=model_output, target=target, sigma=sigma,
+                      hidden_states=hidden_states, pooled=pooled)
