@@ -246,3 +246,22 @@ def max_sequence_length(cfg: ModelConfig) -> int:
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def add_lora(transformer, cfg, adapter_name: str = "default"):
+    """Attach trainable LoRA adapters (peft, through diffusers' ``add_adapter``); everything else stays frozen.
+
+    ``cfg`` is a :class:`fluxfill.config.LoraConfig`. Targets are matched as module-name suffixes; a target that
+    matches nothing is an error, so a typo cannot silently train nothing.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    names = [n for n, _ in transformer.named_modules()]
+    unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise FluxfillError(f"train.lora.target_modules {unmatched} match no module of the transformer")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                           init_lora_weights="gaussian", target_modules=list(cfg.target_modules)),
+                            adapter_name=adapter_name)
+    return transformer
