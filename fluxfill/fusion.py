@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -55,15 +56,18 @@ class SemanticFusion(nn.Module):
 
     def save(self, path) -> None:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"mode": self.mode, "pooled_dim": str(self.pooled_dim), "image_embed_dim": str(self.image_embed_dim)}
-        save_file(tensors or {"_empty": torch.zeros(0)}, str(path), metadata=meta)
+        meta = {"mode": self.mode, "pooled_dim": self.pooled_dim, "image_embed_dim": self.image_embed_dim}
+        if self.enabled:
+            meta["alpha"] = round(float(self.alpha), 6)
+        # one sorted JSON value: safetensors does not keep metadata key order, and files should be reproducible
+        save_file(tensors or {"_empty": torch.zeros(0)}, str(path), metadata={"fluxfill.fusion": json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def load(cls, path) -> SemanticFusion:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get("fluxfill.fusion", "{}"))
         if "mode" not in meta:
             raise FluxfillError(f"{path}: not a fluxfill fusion file (no 'mode' in its metadata)")
         module = cls(meta["mode"], int(meta["pooled_dim"]), int(meta["image_embed_dim"]))

@@ -1,0 +1,152 @@
+"""The latent cache: contract shapes, equality with a direct encode, incremental, resumable, refused when stale."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fluxfill.config import FluxfillError, validate
+from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
+from fluxfill.fusion import SemanticFusion
+from fluxfill.latents import encode_diptychs, encode_prompts, text_pipeline, vae_pipeline
+from fluxfill.objective import BATCH_KEYS, flow_matching_step
+from fluxfill.panels import build_panels, panels_from_triptych
+
+PANEL = 32
+
+
+def make_prepared(root, n=5, panel=PANEL, seed=0):
+    """A data/prepared folder as `fluxfill prepare` writes it: triptych PNGs + manifest.csv."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        imgs = [Image.fromarray(rng.integers(0, 256, (panel, panel, 3), dtype=np.uint8)) for _ in range(3)]
+        p = build_panels(imgs[1], imgs[2], imgs[0], panel)
+        name = f"s{i:03d}.png"
+        p.triptych.save(root / name)
+        rows.append(dict(id=f"s{i:03d}", split="val" if i == 0 else "train", prompt=f"make sample {i} bright",
+                         source="", target="", reference="", file=name,
+                         sha256=hashlib.sha256((root / name).read_bytes()).hexdigest()))
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+def params_for(tmp_path, **encode):
+    return validate({"data": {"panel_size": PANEL, "output": str(tmp_path / "prepared")},
+                     "model": {"max_sequence_length": 16},
+                     "encode": {"output": str(tmp_path / "latents"), "shard_size": 2, "batch_size": 2, **encode}})
+
+
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    make_prepared(tmp_path / "prepared")
+    params = params_for(tmp_path)
+    result = encode(params, device="cpu")
+    return params, result, tmp_path / "latents"
+
+
+def test_cache_shapes_and_collate(cache):
+    params, result, out = cache
+    assert result["complete"] and len(result["written"]) == 9  # 3 shards x 3 phases
+    ds = LatentCache(out, "train", expect={"preset": "tiny", "panel_size": PANEL})
+    assert len(ds) == 4 and len(LatentCache(out, "val")) == 1
+    item = ds[0]
+    n = (PANEL // 16) * (2 * PANEL // 16)
+    assert list(item["x_0"].shape) == [n, 64] and list(item["masked_latents"].shape) == [n, 64]
+    assert list(item["prompt_embeds"].shape) == [16, 32] and list(item["pooled_prompt_embeds"].shape) == [32]
+    assert list(item["image_embeds"].shape) == [24]
+    batch = ds.collate([ds[i] for i in range(3)])
+    assert set(BATCH_KEYS) <= set(batch)
+    assert list(batch["x_0"].shape) == [3, n, 64] and list(batch["mask_latents"].shape) == [1, n, 256]
+    assert list(batch["img_ids"].shape) == [n, 3] and list(batch["txt_ids"].shape) == [16, 3]
+    assert batch["ids"] == ["s001", "s002", "s003"]
+    out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("pooled", 32, 24),
+                                  batch)
+    assert list(out_step.hidden_states.shape) == [3, n, 384]
+
+
+def _tiny_transformer():
+    from fluxfill.config import ModelConfig
+    from fluxfill.models import load_component
+
+    return load_component(ModelConfig(), "transformer")
+
+
+def test_cache_equals_direct_encode(cache, tiny):
+    params, _, out = cache
+    ds = LatentCache(out, None)
+    prepared = out.parent / "prepared"
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    p = panels_from_triptych(Image.open(prepared / manifest.file[3]))
+    direct = encode_diptychs(vae_pipeline(tiny["vae"]), [p.diptych], [p.mask])
+    item = ds[3]
+    torch.testing.assert_close(item["x_0"], direct.x_0[0])
+    batch = ds.collate([item])
+    torch.testing.assert_close(torch.cat((batch["masked_latents"], batch["mask_latents"]), -1), direct.x_cond)
+    emb, pooled, _ = encode_prompts(text_pipeline(tiny["text_encoder"], tiny["tokenizer"], tiny["text_encoder_2"],
+                                                  tiny["tokenizer_2"]), [manifest.prompt[3]], 16)
+    torch.testing.assert_close(item["prompt_embeds"], emb[0])
+    torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0])
+
+
+def test_second_encode_writes_nothing(cache):
+    params, _, out = cache
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = encode(params, device="cpu")
+    assert again["written"] == [] and len(again["kept"]) == 9
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_changed_prompt_reencodes_only_its_text_shard(cache):
+    params, _, out = cache
+    manifest_path = out.parent / "prepared" / "manifest.csv"
+    df = pd.read_csv(manifest_path, keep_default_na=False)
+    df.loc[3, "prompt"] = "a different instruction"
+    df.to_csv(manifest_path, index=False)
+    again = encode(params, device="cpu")
+    assert again["written"] == ["text-00001.safetensors"]
+
+
+def test_interrupted_encode_resumes_identically(tmp_path, cache):
+    _, _, full = cache
+    other = tmp_path / "other"
+    make_prepared(other / "prepared")
+    params = params_for(other)
+    partial = encode(params, device="cpu", stop_after=4)
+    assert not partial["complete"] and len(partial["written"]) == 4
+    assert not (other / "latents" / META).exists()
+    resumed = encode(params, device="cpu")
+    assert resumed["complete"] and len(resumed["written"]) == 5 and len(resumed["kept"]) == 4
+    a, b = files(full), files(other / "latents")
+    assert a.keys() == b.keys() and GEOMETRY in a
+    for name in a:
+        if name != META:
+            assert a[name] == b[name], name
+
+
+def test_wrong_settings_are_refused(cache):
+    params, _, out = cache
+    with pytest.raises(FluxfillError, match=r"panel_size: cache has 32, expected 64"):
+        LatentCache(out, "train", expect={"panel_size": 64})
+    with pytest.raises(FluxfillError, match=r"preset: cache has 'tiny', expected 'flux-fill-dev'"):
+        LatentCache(out, "train", expect={**settings(params), "preset": "flux-fill-dev"})
+    with pytest.raises(FluxfillError, match=r"meta.json not found"):
+        LatentCache(out.parent / "nowhere")
+
+
+def test_panel_size_mismatch_with_prepared(tmp_path):
+    make_prepared(tmp_path / "prepared")
+    params = validate({"data": {"panel_size": 64, "output": str(tmp_path / "prepared")},
+                       "encode": {"output": str(tmp_path / "latents")}})
+    with pytest.raises(FluxfillError, match=r"holds 32-px panels but data.panel_size is 64"):
+        encode(params, device="cpu")
