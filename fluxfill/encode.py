@@ -200,13 +200,12 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
         if todo or not geometry.exists():
             pipe = vae_pipeline(load_component(mcfg, "vae", dev, compute_dtype))
             for sh, fp in tqdm(todo, desc="encode vae", unit="shard"):
-                x0, masked, mask_lat, img_ids = [], [], None, None
+                x0, masked = [], []
                 for b in _batches(sh.rows, bs):
                     panels = _load_panels(prepared, b)
                     enc = encode_diptychs(pipe, [p.diptych for p in panels], [p.mask for p in panels])
                     x0.append(enc.x_0)
                     masked.append(enc.masked_latents)
-                    mask_lat, img_ids = enc.mask_latents[:1], enc.img_ids
                 save(sh, "vae", fp, {"x_0": torch.cat(x0).to(store), "masked_latents": torch.cat(masked).to(store)})
             if not geometry.exists() or todo:
                 panels = _load_panels(prepared, df.head(1))
