@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
+SHELL := /bin/bash
+# DVC stages run `fluxfill <stage>`: the venv's bin must be on PATH for them
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
@@ -23,8 +26,6 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
-
-SHELL := /bin/bash
 
 ## run the whole chain on the embedded default (tiny model, demo photos, local MLflow)
 run: install
