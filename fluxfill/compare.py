@@ -1,0 +1,153 @@
+"""Compare MLflow runs side by side: one row per run, newest first.
+
+Each row shows the run's name, start time (local), status, the params that DIFFER between the
+listed runs (params all runs share are left out), the final `loss` and `fusion_weight` (blank when
+a run did not log it, e.g. with fusion.mode none), the evaluation metrics when present (psnr, ssim,
+identity_*, base_*) and the run id.
+
+examples:
+  fluxfill compare                                     # last 10 runs of tracking.experiment
+  fluxfill compare --last 3 --format markdown
+  fluxfill compare --filter "params.`fusion.mode` = 'none'"
+  fluxfill compare --filter "metrics.loss < 0.5 and attributes.status = 'FINISHED'"
+  fluxfill compare --format csv > runs.csv             # exact values, full run ids
+
+--filter takes an MLflow search expression over params.`key`, metrics.name, tags.`key` and
+attributes (status, run_name, start_time); put backticks around keys that contain dots.
+table and markdown round numbers to 4 significant digits and shorten run ids; csv keeps them exact.
+Notes (which store, how many runs) go to stderr, the table to stdout.
+
+exit status: 0 with a table; 1 when the experiment has no run (or none matches --filter).
+
+The same runs in the MLflow UI (default local store):
+  mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1
+then open http://127.0.0.1:5000, pick the experiment, tick the runs and press "Compare".
+With a tracking server (MLFLOW_TRACKING_URI), open the server's address instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from datetime import datetime
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from . import tracking
+from .config import FluxfillError, Params, TrackingConfig
+
+TRAIN_METRICS = ("loss", "fusion_weight")
+EVAL_METRICS = ("psnr", "ssim", "identity_psnr", "identity_ssim", "base_psnr", "base_ssim")
+FIXED_COLUMNS = ("run", "started", "status", *TRAIN_METRICS, *EVAL_METRICS, "run_id")
+FORMATS = ("table", "csv", "markdown")
+
+
+def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "") -> pd.DataFrame:
+    """The last ``last`` runs of ``cfg.experiment`` matching ``filter_string``, newest first.
+
+    Columns: run, started, status, one per differing param (``fusion.mode``), loss, fusion_weight,
+    the eval metrics some run logged, run_id. Metric values are the last logged (highest step).
+    Raises FluxfillError when there is no run to show; creates nothing in the store.
+    """
+    uri = tracking.tracking_uri(cfg)
+    db = tracking.sqlite_path(uri)
+    hint = "run `dvc repro` or `fluxfill train` first"
+    if db is not None and not db.exists():
+        raise FluxfillError(f"no runs in experiment {cfg.experiment!r}: there is no MLflow database {db}; {hint}")
+    tracking.connect(cfg)
+    exp = mlflow.MlflowClient().get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        raise FluxfillError(f"no runs in experiment {cfg.experiment!r} at {uri} (no such experiment); {hint}")
+    try:
+        found = mlflow.search_runs(
+            experiment_ids=[exp.experiment_id], filter_string=filter_string or "",
+            max_results=last, order_by=["attributes.start_time DESC"],
+        )
+    except MlflowException as e:
+        raise FluxfillError(f"--filter {filter_string!r} is not a valid MLflow search expression: {e.message}") from None
+    if found.empty:
+        where = f"no runs in experiment {cfg.experiment!r} at {uri}"
+        raise FluxfillError(f"{where} match --filter {filter_string!r}" if filter_string else f"{where}; {hint}")
+
+    params = found[[c for c in found.columns if c.startswith("params.")]].fillna("")
+    differing = sorted(c for c in params.columns if params[c].nunique() > 1)
+    table = pd.DataFrame({
+        "run": found.get("tags.mlflow.runName", pd.Series("", index=found.index)).fillna(""),
+        "started": [datetime.fromtimestamp(t.timestamp()).strftime("%Y-%m-%d %H:%M") for t in found["start_time"]],
+        "status": found["status"],
+    })
+    for c in differing:
+        table[c.removeprefix("params.")] = params[c]
+    for m in TRAIN_METRICS:
+        table[m] = found.get(f"metrics.{m}", math.nan)
+    for m in EVAL_METRICS:
+        if f"metrics.{m}" in found:
+            table[m] = found[f"metrics.{m}"]
+    table["run_id"] = found["run_id"]
+    return table.reset_index(drop=True)
+
+
+def param_columns(table: pd.DataFrame) -> list[str]:
+    """The differing params shown in a :func:`compare_runs` table."""
+    return [c for c in table.columns if c not in FIXED_COLUMNS]
+
+
+def _human(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.astype(object)
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(table[c]):
+            out[c] = ["" if pd.isna(v) else f"{v:.4g}" for v in table[c]]
+    out["run_id"] = table["run_id"].str[:8]
+    return out.fillna("")
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    def row(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [row(table.columns), row("---" for _ in table.columns)]
+    lines += [row(r) for r in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def format_runs(table: pd.DataFrame, fmt: str = "table") -> str:
+    """Render a :func:`compare_runs` table as ``table`` (aligned text), ``markdown`` or ``csv`` (exact)."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "markdown":
+        return _markdown(_human(table))
+    if fmt == "table":
+        return _human(table).to_string(index=False) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n})")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    parser.add_argument("--last", type=_positive_int, default=10, metavar="N", help="show the N newest runs (default 10)")
+    parser.add_argument("--filter", default="", metavar="EXPR", help="MLflow search expression, e.g. \"metrics.loss < 0.5\"")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+
+
+def run(params: Params, args: argparse.Namespace) -> int:
+    cfg = params.tracking
+    if args.experiment:
+        cfg = cfg.model_copy(update={"experiment": args.experiment})
+    table = compare_runs(cfg, args.last, args.filter)
+    print(
+        f"experiment {cfg.experiment!r} at {tracking.tracking_uri(cfg)}: {len(table)} run(s), newest first",
+        file=sys.stderr,
+    )
+    if len(table) > 1 and not param_columns(table):
+        print(f"all {len(table)} runs have the same params", file=sys.stderr)
+    sys.stdout.write(format_runs(table, args.format))
+    return 0

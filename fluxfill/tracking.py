@@ -1,0 +1,327 @@
+"""MLflow tracking: where runs go, which tags link them to code and data, and the run hand-off file.
+
+Where runs go (:func:`tracking_uri`): ``tracking.tracking_uri`` in params.yaml, else
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts``
+(absolute paths built from the repo root, so runs started inside DVC's temporary experiment
+workspaces land in the same database). Browse them with
+``mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1``.
+
+A stage that learns or measures does::
+
+    with tracking.start_run(params) as run:          # checks the server, creates the experiment once
+        mlflow.log_metrics({"loss": loss}, step=step)
+        tracking.log_image(grid, f"step_{step:06d}")  # -> artifact samples/step_000020.png
+    tracking.write_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE, run)
+
+and a later stage logs into the same run::
+
+    tracking.setup(params.tracking)
+    ref = tracking.read_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE)
+    run_id = ref["run_id"] if ref and tracking.find_run(ref["run_id"]) else None
+    with tracking.start_run(params, run_id=run_id): ...
+
+MLflow's fluent API keeps one active run per thread and is not thread-safe: log from the main
+process (rank 0) only. Call :func:`setup` once before starting parallel processes so that they do
+not race to create the experiment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import yaml
+from mlflow.entities import LifecycleStage, Run, RunStatus
+from mlflow.environment_variables import MLFLOW_RUN_ID, MLFLOW_TRACKING_URI
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.utils.file_utils import path_to_local_sqlite_uri
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from . import __version__
+from .config import FluxfillError, Params, TrackingConfig, repo_root
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "mlflow.db"
+RUN_REF_FILE = "mlflow_run.json"  # in train.output: the run that training logged, for evaluation to resume
+ARTIFACTS_DIR = "mlartifacts"
+REACH_TIMEOUT_S = 5.0
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``.
+
+    A relative sqlite path (``sqlite:///runs.db``) is taken relative to the repo root, never to the
+    cwd, which under ``dvc exp run`` is a temporary workspace that DVC deletes afterwards.
+    """
+    uri = cfg.tracking_uri or MLFLOW_TRACKING_URI.get()
+    if not uri:
+        return path_to_local_sqlite_uri(repo_root() / DB_FILE)  # absolute: sqlite:////abs/mlflow.db
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        return path_to_local_sqlite_uri(repo_root() / unquote(path)) + sep + query
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (a relative path is resolved against the cwd), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):].split("?")[0])).absolute()
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any training, when the tracking store cannot be used.
+
+    http(s): one request to the MLflow REST API (no retries, short timeout). sqlite: the database's
+    folder must exist (it is created) and be writable. Other schemes are left to MLflow.
+    """
+    if uri.startswith(("http://", "https://")):
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        endpoint = "/api/2.0/mlflow/experiments/search"
+        try:
+            resp = http_request(
+                get_default_host_creds(uri), endpoint, "GET",
+                max_retries=0, timeout=REACH_TIMEOUT_S, params={"max_results": 1},
+            )
+        except Exception as e:
+            # MLflow wraps the requests error in one long line: keep its cause, e.g. "[Errno 111] Connection refused"
+            text = str(e)
+            errno = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+            reason = errno.group(0) if errno else (
+                f"no answer within {REACH_TIMEOUT_S:g} s" if "timeout" in text.lower() else text
+            )
+            port = urlparse(uri).port or 5000
+            raise FluxfillError(
+                f"MLflow tracking server {uri} is unreachable: {reason}; start it with "
+                f"`mlflow server --host 127.0.0.1 --port {port} --backend-store-uri sqlite:///$PWD/mlflow.db` "
+                "or unset MLFLOW_TRACKING_URI to use the local sqlite database"
+            ) from None
+        if resp.status_code != 200:
+            raise FluxfillError(
+                f"MLflow tracking server {uri} answered HTTP {resp.status_code} to {endpoint}: "
+                f"{resp.text[:200].strip()!r}; check that the URI points at an MLflow server and, if it "
+                "needs a login, set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            )
+        return
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FluxfillError(f"cannot create the folder of the MLflow database {db}: {e}") from None
+    if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise FluxfillError(
+            f"the MLflow database {db} is not writable; fix the permissions or point "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
+        )
+
+
+def connect(cfg: TrackingConfig) -> str:
+    """Resolve the tracking URI, check it, make it MLflow's current one; returns it."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def setup(cfg: TrackingConfig) -> str:
+    """Connect (:func:`connect`) and create the experiment ``cfg.experiment`` if missing; returns its id.
+
+    Race-safe: a process that loses the race to create it uses the one the winner made. With a
+    sqlite store the experiment's artifacts go to ``mlartifacts/<experiment>`` next to the database.
+    """
+    uri = connect(cfg)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        db = sqlite_path(uri)
+        location = None
+        if db is not None:
+            folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.experiment)
+            location = (db.parent / ARTIFACTS_DIR / folder).as_uri()
+        try:
+            return client.create_experiment(cfg.experiment, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            exp = client.get_experiment_by_name(cfg.experiment)
+    if exp.lifecycle_stage == LifecycleStage.DELETED:
+        raise FluxfillError(
+            f"MLflow experiment {cfg.experiment!r} (id {exp.experiment_id}) at {uri} is deleted: restore it "
+            f"with `mlflow experiments restore --experiment-id {exp.experiment_id}` or set tracking.experiment "
+            "to another name"
+        )
+    return exp.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def dvc_out_hash(path: str | os.PathLike, lock: str | os.PathLike = "dvc.lock") -> str | None:
+    """The md5 DVC recorded in ``lock`` for the stage output ``path`` (``"ab12...dir"`` for a folder).
+
+    None when the lock file, the output or its hash is missing, or the file does not parse.
+    """
+    try:
+        data = yaml.safe_load(Path(lock).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    want = os.path.normpath(path)
+    for stage in (stages or {}).values():
+        for out in (stage or {}).get("outs") or []:
+            if isinstance(out, dict) and os.path.normpath(str(out.get("path", ""))) == want:
+                return out.get("md5")
+    return None
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    """Tags linking a run to the code (git, in the cwd) and the data (``dvc.lock`` in the cwd).
+
+    ``git.commit``, ``git.dirty`` (tracked files modified), ``dvc.data.prepared``, ``dvc.data.latents``,
+    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out.
+    """
+    tags = {"preset": params.model.preset, "device": _device(), "fluxfill.version": __version__}
+    if commit := _git("rev-parse", "HEAD"):
+        tags["git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["git.dirty"] = str(bool(status)).lower()
+    for name, path in (("prepared", params.data.output), ("latents", params.encode.output)):
+        if md5 := dvc_out_hash(path):
+            tags[f"dvc.data.{name}"] = md5
+    return tags
+
+
+def _param_values(params: Params) -> dict[str, str]:
+    return {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.flat().items()}
+
+
+@contextlib.contextmanager
+def start_run(
+    params: Params,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start an MLflow run in ``params.tracking.experiment``, or resume ``run_id`` (or ``$MLFLOW_RUN_ID``).
+
+    A fresh run gets :func:`run_tags` (``tags`` added on top), the name ``run_name`` or
+    ``params.tracking.run_name`` (None: MLflow picks one) and every setting of ``params`` as a
+    flattened param (``train.lora.rank``). A resumed run gets only the params and tags it lacks;
+    params whose value changed are reported in a warning (MLflow params cannot change). The run
+    ends FINISHED, KILLED on Ctrl-C, FAILED when the block raises anything else.
+    """
+    experiment_id = setup(params.tracking)
+    run_id = run_id or MLFLOW_RUN_ID.get()
+    all_tags = {**run_tags(params), **(tags or {})}
+    if run_id is None:
+        how = {"experiment_id": experiment_id, "run_name": run_name or params.tracking.run_name, "tags": all_tags}
+    elif find_run(run_id) is None:
+        raise FluxfillError(
+            f"MLflow run {run_id} does not exist at {mlflow.get_tracking_uri()}; was it logged to another "
+            "tracking server (check MLFLOW_TRACKING_URI and tracking.tracking_uri)?"
+        )
+    else:
+        how = {"run_id": run_id}
+    with mlflow.start_run(nested=nested, **how) as run:
+        values = _param_values(params)
+        logged = run.data.params  # empty for a fresh run
+        changed = sorted(k for k, v in values.items() if k in logged and logged[k] != v)
+        if changed:
+            log.warning(
+                "MLflow run %s keeps its logged params; these differ now and are not logged again: %s",
+                run.info.run_id, ", ".join(f"{k}={logged[k]!r}->{values[k]!r}" for k in changed),
+            )
+        if new_params := {k: v for k, v in values.items() if k not in logged}:
+            mlflow.log_params(new_params)
+        if new_tags := {k: v for k, v in all_tags.items() if k not in run.data.tags}:
+            mlflow.set_tags(new_tags)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # MLflow would mark it FAILED
+            raise
+
+
+def find_run(run_id: str) -> Run | None:
+    """The run ``run_id`` at the current tracking URI (call :func:`setup` first), None if absent or deleted."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    return None if run.info.lifecycle_stage == LifecycleStage.DELETED else run
+
+
+def log_image(image: Image, name: str, folder: str = "samples") -> str:
+    """Log a PIL image to the active run as ``<folder>/<name>.png``; returns that artifact path.
+
+    ``name`` and ``folder`` are flattened to ``[A-Za-z0-9_.-]`` (a ``/`` in a name would otherwise
+    make nested or unreadable artifacts), e.g. ``"val/step 20"`` -> ``samples/val_step_20.png``.
+    """
+    def safe(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_.") or "image"
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("tracking.log_image needs an active run: call it inside `with tracking.start_run(...)`")
+    stem = safe(name.removesuffix(".png"))
+    artifact = f"{safe(folder)}/{stem}.png"
+    mlflow.log_image(image, artifact_file=artifact)
+    return artifact
+
+
+def write_run_ref(path: str | os.PathLike, run: mlflow.ActiveRun | Run) -> None:
+    """Write ``{"run_id", "experiment_id", "tracking_uri"}`` of ``run`` to ``path`` (JSON)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    ref = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+    p.write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def read_run_ref(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The reference :func:`write_run_ref` wrote, or None when ``path`` does not exist."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        ref = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise FluxfillError(f"{p}: not a readable MLflow run reference ({e}); delete it or re-run `fluxfill train`") from None
+    if not isinstance(ref, dict) or not isinstance(ref.get("run_id"), str):
+        raise FluxfillError(f"{p}: no \"run_id\" in the MLflow run reference; delete it or re-run `fluxfill train`")
+    return ref
