@@ -12,9 +12,9 @@ SHELL := /bin/bash
 # DVC stages run `fluxfill <stage>`: the venv's bin must be on PATH for them
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export DO_NOT_TRACK ?= 1
+export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
-export MLFLOW_ENABLE_TELEMETRY ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: install run test bench lint clean
 

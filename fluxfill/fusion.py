@@ -58,7 +58,7 @@ class SemanticFusion(nn.Module):
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"mode": self.mode, "pooled_dim": self.pooled_dim, "image_embed_dim": self.image_embed_dim}
         if self.enabled:
-            meta["alpha"] = round(float(self.alpha), 6)
+            meta["alpha"] = round(float(self.alpha.detach()), 6)
         # one sorted JSON value: safetensors does not keep metadata key order, and files should be reproducible
         save_file(tensors or {"_empty": torch.zeros(0)}, str(path), metadata={"fluxfill.fusion": json.dumps(meta, sort_keys=True)})
 

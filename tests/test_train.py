@@ -1,0 +1,180 @@
+"""Training: loss goes down, outputs load into FluxFillPipeline, exact resume after SIGKILL, guards, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_encode import make_prepared  # noqa: E402
+
+from fluxfill.config import FluxfillError, validate
+from fluxfill.encode import encode
+from fluxfill.fusion import SemanticFusion
+from fluxfill.train import NonFiniteLoss, train
+
+PANEL = 32
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    make_prepared(root / "prepared", n=6, panel=PANEL)
+    encode(validate(raw_params(root)), device="cpu")
+    return root
+
+
+def raw_params(root: Path, **train) -> dict:
+    return {"data": {"panel_size": PANEL, "output": str(root / "prepared")},
+            "model": {"max_sequence_length": 16},
+            "encode": {"output": str(root / "latents"), "shard_size": 4},
+            "train": {"max_steps": 8, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 2e-3,
+                      "fusion_learning_rate": 0.05, **train},
+            "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    out = load_file(str(root / "models/lora/pytorch_lora_weights.safetensors"))
+    out.update({f"fusion.{k}": v for k, v in load_file(str(root / "models/fusion.safetensors")).items()})
+    return out
+
+
+def test_train_outputs_metrics_and_mlflow(latents, workdir):
+    params = validate(raw_params(latents, max_steps=24, log_every=2))
+    result = train(params)
+    assert result.steps == 24 and 0 < result.fusion_weight < 1 and abs(result.fusion_weight - 0.1) > 1e-3
+    metrics = json.loads(Path("metrics/train.json").read_text())
+    assert metrics["steps"] == 24 and metrics["fusion_weight"] == pytest.approx(result.fusion_weight)
+    assert metrics["samples_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    rows = Path("plots/train.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,fusion_weight,lr" and len(rows) == 1 + 12
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
+    ref = json.loads(Path("models/mlflow_run.json").read_text())
+    assert ref["run_id"] == result.run_id
+    mlflow.set_tracking_uri(ref["tracking_uri"])
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "24"
+    assert run.data.tags["preset"] == "tiny"
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == list(range(2, 25, 2))
+    alphas = client.get_metric_history(result.run_id, "fusion_weight")
+    assert len(alphas) == 12 and alphas[-1].value == pytest.approx(result.fusion_weight)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
+    assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
+
+
+def test_lora_loads_into_fill_pipeline_and_changes_output(latents, workdir, tiny):
+    from fluxfill.models import load_component, load_pipeline
+    from fluxfill.shapes import synthetic_panels
+
+    train(validate(raw_params(latents, max_steps=4)))
+    lora = load_file("models/lora/pytorch_lora_weights.safetensors")
+    assert lora["transformer.x_embedder.lora_A.weight"].shape[1] == 384  # Fill-only: 384 input features
+    model_cfg = validate(raw_params(latents)).model
+    pipe = load_pipeline(model_cfg, components={"transformer": load_component(model_cfg, "transformer")})
+    p = synthetic_panels(1, PANEL)[0]
+
+    def generate():
+        return pipe(prompt="x", image=p.diptych, mask_image=p.mask, height=PANEL, width=2 * PANEL,
+                    num_inference_steps=2, max_sequence_length=16, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    pipe.load_lora_weights("models/lora")
+    assert pipe.get_list_adapters()["transformer"]
+    after = generate()
+    assert not torch.allclose(before, after)
+
+
+def test_sigkill_after_checkpoint_resumes_bit_identical(latents, workdir):
+    steps = 60
+    raw = raw_params(latents, max_steps=steps, checkpoint_every=2, keep_checkpoints=2)
+    (workdir / "straight").mkdir()
+    os.chdir(workdir / "straight")
+    train(validate(raw))
+    reference = weights(workdir / "straight")
+
+    killed = workdir / "killed"
+    killed.mkdir()
+    os.chdir(killed)
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "fluxfill.cli", "train"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(Path("checkpoints").glob("*/checkpoint-000004")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before its 2nd checkpoint"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not Path("models").exists(), "the run finished before it was killed"
+    result = train(validate(raw))
+    assert 4 <= result.resumed_from < steps
+    resumed = weights(killed)
+    assert reference.keys() == resumed.keys()
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_non_finite_loss_stops_with_message(latents, workdir, monkeypatch):
+    import fluxfill.train as train_module
+
+    real = train_module.flow_matching_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "flow_matching_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 5; stopped\. The last good checkpoint is kept"):
+        train(validate(raw_params(latents, max_steps=8, checkpoint_every=2)))
+    kept = sorted(p.name for p in Path("checkpoints").glob("*/checkpoint-*"))
+    assert kept == ["checkpoint-000002", "checkpoint-000004"]
+    assert not Path("models").exists()
+
+
+def test_fusion_mode_none_trains_without_alpha(latents, workdir):
+    raw = raw_params(latents, max_steps=4)
+    raw["fusion"] = {"mode": "none"}
+    result = train(validate(raw))
+    assert result.fusion_weight is None
+    assert SemanticFusion.load("models/fusion.safetensors").mode == "none"
+    assert json.loads(Path("metrics/train.json").read_text())["fusion_weight"] is None
+    assert Path("plots/train.csv").read_text().splitlines()[1].split(",")[2] == ""
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    client = mlflow.MlflowClient()
+    assert client.get_metric_history(result.run_id, "fusion_weight") == []
+    assert len(client.get_metric_history(result.run_id, "loss")) == 4
+
+
+def test_cache_for_other_panel_size_is_refused(latents, workdir):
+    raw = raw_params(latents)
+    raw["data"]["panel_size"] = 64
+    with pytest.raises(FluxfillError, match=r"panel_size: cache has 32, expected 64"):
+        train(validate(raw))
