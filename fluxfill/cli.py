@@ -26,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (so ``--help`` and light commands start fast)."""
     parser = argparse.ArgumentParser(
         prog="fluxfill",
         description="Fine-tune FLUX.1-Fill-dev with in-context diptych training and a learnable fusion weight.",
@@ -35,12 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+        if name != command:
+            sub.add_parser(name, help=help_text, add_help=False)
             continue
+        module = importlib.import_module(module_name)
         doc = textwrap.dedent(module.__doc__ or help_text).strip()
         p = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--params", default=None, help="params file (default: ./params.yaml)")
@@ -54,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

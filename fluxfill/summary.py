@@ -1,0 +1,52 @@
+"""Print where to look after a run: the MLflow run and how to open it, the metrics, the sample grids.
+
+Reads what the stages left in the workspace (models/mlflow_run.json, metrics/*.json, eval/samples/);
+it changes nothing. `make run` ends with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Params
+from .tracking import RUN_REF_FILE, read_run_ref, sqlite_path
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def summary_lines(params: Params) -> list[str]:
+    lines = []
+    ref = read_run_ref(Path(params.train.output) / RUN_REF_FILE)
+    if ref:
+        uri = ref["tracking_uri"]
+        db = sqlite_path(uri)
+        ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then http://127.0.0.1:5000" if db
+              else f"{uri.rstrip('/')}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}")
+        lines += [f"MLflow run   {ref['run_id']} (experiment {params.tracking.experiment!r} at {uri})",
+                  f"open it      {ui}",
+                  "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]
+    else:
+        lines.append(f"no trained model yet in {params.train.output}/: run `dvc repro` (or `make run`)")
+    train, evals = _metrics(Path("metrics/train.json")), _metrics(Path("metrics/eval.json"))
+    if train or evals:
+        lines.append("metrics      (dvc metrics show)")
+        for name, value in {**train, **evals}.items():
+            text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            lines.append(f"  {name:<16} {text}")
+    grids = sorted(Path(params.eval.output, "samples").glob("*.png"))
+    if grids:
+        lines.append(f"sample grids ({len(grids)}; rows: reference | source | generated | target)")
+        lines += [f"  {g}" for g in grids]
+    return lines
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(params: Params, args) -> int:
+    print("\n".join(summary_lines(params)))
+    return 0
