@@ -31,7 +31,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm.auto import tqdm
 
-from .config import FluxfillError, LoraConfig, Params, TrackingConfig, repo_root
+from . import tracking
+from .config import FluxfillError, LoraConfig, Params
 from .encode import read_manifest
 from .fusion import SemanticFusion
 from .latents import encode_prompts, encode_references
@@ -223,44 +223,48 @@ def _val_samples(params: Params) -> tuple[pd.DataFrame, list[Panels]]:
 
 
 # --------------------------------------------------------------------------------------------------- MLflow
-def _tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
 def _log_to_mlflow(params: Params, metrics: dict, grids: list[Image.Image], per_sample: Path,
                    run_ref: dict | None) -> str:
     """Log scores, grids and the per-sample table to the training run (``run_ref``) or a new run; returns its id."""
     import mlflow
 
-    uri = _tracking_uri(params.tracking)
-    mlflow.set_tracking_uri(uri)
-    run_id = None
-    if run_ref:
-        try:
-            run_id = mlflow.MlflowClient().get_run(run_ref["run_id"]).info.run_id
-        except mlflow.exceptions.MlflowException:
-            log.warning("training run %s is not in %s (it was logged to %s): logging to a new run",
-                        run_ref["run_id"], uri, run_ref.get("tracking_uri"))
-    experiment_id = None
-    if run_id is None:
-        name = params.tracking.experiment
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:  # local sqlite: artifacts next to the database, not in the working directory
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
-                if uri.startswith("sqlite:///") else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
-                          run_name=None if run_id else params.tracking.run_name) as run:
-        if run_id is None:
-            mlflow.log_params(params.flat())
+    tracking.setup(params.tracking)
+    run_id = run_ref["run_id"] if run_ref and tracking.find_run(run_ref["run_id"]) else None
+    if run_ref and run_id is None:
+        log.warning("training run %s is not at %s (it was logged to %s): logging to a new run",
+                    run_ref["run_id"], mlflow.get_tracking_uri(), run_ref.get("tracking_uri"))
+    with tracking.start_run(params, run_id=run_id) as run:
         mlflow.set_tags({f"eval.{k}": str(v) for k, v in params.eval.model_dump().items()})
         mlflow.log_metrics(metrics)
         for i, grid in enumerate(grids):
-            mlflow.log_image(grid, artifact_file=f"eval/grid_{i:03d}.png")
+            tracking.log_image(grid, f"grid_{i:03d}", folder="eval")
         mlflow.log_artifact(str(per_sample), artifact_path="eval")
         return run.info.run_id
+
+
+def training_sample_grid(params: Params, transformer, fusion: SemanticFusion, max_rows: int = 4) -> Image.Image | None:
+    """A grid of validation samples generated with the transformer being trained (its LoRA active) and fusion."""
+    try:
+        val, panels = _val_samples(params)
+    except FluxfillError:
+        return None
+    val, panels = val.head(max_rows), panels[:max_rows]
+    dev = transformer.device
+    pipe = load_pipeline(params.model, dev, transformer.dtype, components={"transformer": transformer})
+    extra = {}
+    if fusion.enabled:
+        extra = {"image_encoder": load_component(params.model, "image_encoder", dev, transformer.dtype),
+                 "image_processor": load_component(params.model, "image_processor", dev)}
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        generated = generate(pipe, fusion, panels, list(val["prompt"]), num_inference_steps=params.eval.num_inference_steps,
+                             guidance_scale=params.eval.guidance_scale, seed=params.eval.seed,
+                             max_sequence_length=params.model.max_sequence_length,
+                             batch_size=params.eval.batch_size, desc="sample grid", **extra)
+    finally:
+        transformer.train(was_training)
+    return sample_grid([(p.reference, p.source, g, p.target) for p, g in zip(panels, generated, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

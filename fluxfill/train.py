@@ -227,8 +227,11 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             out_dir = Path(t.output)
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir(parents=True)
-            FluxFillPipeline.save_lora_weights(out_dir / LORA_DIR, safe_serialization=True,
-                                               transformer_lora_layers=get_peft_model_state_dict(unwrapped))
+            # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
+            FluxFillPipeline.save_lora_weights(
+                out_dir / LORA_DIR, safe_serialization=True,
+                transformer_lora_layers=get_peft_model_state_dict(unwrapped),
+                transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict())
             fusion_module.save(out_dir / FUSION_FILE)
             tracking.write_run_ref(out_dir / RUN_REF, run)
             _write_metrics(history, result, device)
