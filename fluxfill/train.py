@@ -4,7 +4,7 @@ Rectified-flow objective (DESIGN §3) with accelerate: mixed precision (bf16 on 
 accumulation, clipping, warm-up + schedule, optional gradient checkpointing, multi-GPU via `accelerate launch`:
 
   accelerate launch --num_processes 8 -m fluxfill.cli train             # DDP on 8 GPUs
-  accelerate launch --config_file accelerate/fsdp.yaml -m fluxfill.cli train
+  accelerate launch --config_file accelerate/fsdp.yaml -m fluxfill.cli train   # FSDP (see the file)
 
 Outputs (DVC outs): models/lora/pytorch_lora_weights.safetensors (diffusers format, loads with
 FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_run.json, metrics/train.json,
