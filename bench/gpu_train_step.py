@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gradient checkpointing settings to run: on,off (default both)")
     p.add_argument("--compile", type=_on_off_list, default=None,
                    help="torch.compile settings to run: on,off (default both on cuda, off on cpu)")
-    p.add_argument("--attention", default="default", choices=["default", "flash"],
+    p.add_argument("--attention", default="default", choices=["default", "flash", "cudnn"],
                    help="SDPA backend for our step: PyTorch's choice, or force FLASH_ATTENTION")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
@@ -667,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = build_inputs(model_cfg, tcfg, embed_dim, max(args.batch_sizes + [args.reference_batch or 1]),
                           args.panel_size, text_tokens, device, dtype, args.seed)
 
+    if device.type == "cuda" and args.attention != "cudnn":
+        # cuDNN's SDPA backward hit an illegal memory access at these shapes (H100, torch 2.11): keep PyTorch's
+        # flash / memory-efficient kernels, for ours and the reference alike
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.attention == "flash":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
