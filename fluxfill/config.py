@@ -102,7 +102,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on with CUDA, off on CPU")
     loss_region: Literal["all", "target"] = "all"
     seed: int = 0
     log_every: int = Field(1, ge=1)
@@ -110,7 +110,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(20, ge=0, description="0: never")
     keep_checkpoints: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile of each transformer block; auto: on with CUDA")
     lora: LoraConfig = LoraConfig()
 
 

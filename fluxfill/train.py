@@ -161,7 +161,11 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
     transformer = load_component(params.model, "transformer", device, weight_dtype)
     add_lora(transformer, t.lora)
     cast_training_params(transformer, torch.float32)  # trainable LoRA weights in fp32, frozen base in weight_dtype
-    if t.gradient_checkpointing:
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        # cuDNN's SDPA backward hit an illegal memory access at FLUX shapes (H100, torch 2.11); flash is as fast
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if t.gradient_checkpointing is True or (t.gradient_checkpointing == "auto" and on_cuda):
         transformer.enable_gradient_checkpointing()
     item = cache[0]
     fusion = SemanticFusion.from_config(params.fusion, item["pooled_prompt_embeds"].shape[-1],
@@ -172,7 +176,7 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
                               num_warmup_steps=t.warmup_steps * accelerator.num_processes,
                               num_training_steps=t.max_steps * accelerator.num_processes)
     transformer, fusion, optimizer, scheduler = accelerator.prepare(transformer, fusion, optimizer, scheduler)
-    if t.compile:
+    if t.compile is True or (t.compile == "auto" and on_cuda):
         for block in (*accelerator.unwrap_model(transformer).transformer_blocks,
                       *accelerator.unwrap_model(transformer).single_transformer_blocks):
             block.compile()
