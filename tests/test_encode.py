@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
 from fluxfill.fusion import SemanticFusion
 from fluxfill.latents import encode_diptychs, encode_prompts, text_pipeline, vae_pipeline
 from fluxfill.objective import BATCH_KEYS, flow_matching_step
-from fluxfill.panels import build_panels, panels_from_triptych
+from fluxfill.panels import panels_from_triptych
 
 PANEL = 32
-
-
-def make_prepared(root, n=5, panel=PANEL, seed=0):
-    """A data/prepared folder as `fluxfill prepare` writes it: triptych PNGs + manifest.csv."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        imgs = [Image.fromarray(rng.integers(0, 256, (panel, panel, 3), dtype=np.uint8)) for _ in range(3)]
-        p = build_panels(imgs[1], imgs[2], imgs[0], panel)
-        name = f"s{i:03d}.png"
-        p.triptych.save(root / name)
-        rows.append(dict(id=f"s{i:03d}", split="val" if i == 0 else "train", prompt=f"make sample {i} bright",
-                         source="", target="", reference="", file=name,
-                         sha256=hashlib.sha256((root / name).read_bytes()).hexdigest()))
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    return root
 
 
 def params_for(tmp_path, **encode):
@@ -49,7 +30,7 @@ def files(d):
 
 @pytest.fixture
 def cache(tmp_path):
-    make_prepared(tmp_path / "prepared")
+    make_prepared(tmp_path / "prepared", 5, PANEL)
     params = params_for(tmp_path)
     result = encode(params, device="cpu")
     return params, result, tmp_path / "latents"
@@ -120,7 +101,7 @@ def test_changed_prompt_reencodes_only_its_text_shard(cache):
 def test_interrupted_encode_resumes_identically(tmp_path, cache):
     _, _, full = cache
     other = tmp_path / "other"
-    make_prepared(other / "prepared")
+    make_prepared(other / "prepared", 5, PANEL)
     params = params_for(other)
     partial = encode(params, device="cpu", stop_after=4)
     assert not partial["complete"] and len(partial["written"]) == 4
@@ -145,7 +126,7 @@ def test_wrong_settings_are_refused(cache):
 
 
 def test_panel_size_mismatch_with_prepared(tmp_path):
-    make_prepared(tmp_path / "prepared")
+    make_prepared(tmp_path / "prepared", 5, PANEL)
     params = validate({"data": {"panel_size": 64, "output": str(tmp_path / "prepared")},
                        "encode": {"output": str(tmp_path / "latents")}})
     with pytest.raises(FluxfillError, match=r"holds 32-px panels but data.panel_size is 64"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ from diffusers import FluxFillPipeline
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
+from bench.common import make_prepared
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.encode import LatentCache, encode
@@ -23,28 +23,12 @@ from fluxfill.fusion import SemanticFusion
 from fluxfill.latents import encode_prompts
 from fluxfill.models import add_lora, load_component, load_pipeline
 from fluxfill.objective import flow_matching_step
-from fluxfill.panels import build_panels, panels_from_triptych
+from fluxfill.panels import panels_from_triptych
 
 PANEL = 32
 MSL = 16  # T5 tokens
 LORA = LoraConfig(rank=4, alpha=8)
 GEN = dict(num_inference_steps=2, guidance_scale=30.0, seed=7, max_sequence_length=MSL)
-
-
-def make_prepared(root, n=4, val=3, seed=0):
-    """data/prepared as `fluxfill prepare` writes it; the first ``val`` samples are validation samples."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        imgs = [Image.fromarray(rng.integers(0, 256, (PANEL, PANEL, 3), dtype=np.uint8)) for _ in range(3)]
-        name = f"s{i:03d}.png"
-        build_panels(imgs[1], imgs[2], imgs[0], PANEL).triptych.save(root / name)
-        rows.append(dict(id=f"s{i:03d}", split="val" if i < val else "train", prompt=f"make sample {i} bright",
-                         source="", target="", reference="", file=name,
-                         sha256=hashlib.sha256((root / name).read_bytes()).hexdigest()))
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    return root
 
 
 def val_panels(root):
@@ -105,7 +89,7 @@ def test_sample_grid_layout():
 
 # ------------------------------------------------------------------------------------------------ generation
 def test_generate_uses_training_diptych_mask_and_per_sample_seeds(tmp_path, tiny, tiny_cfg, monkeypatch):
-    panels, prompts = val_panels(make_prepared(tmp_path / "prepared"))
+    panels, prompts = val_panels(make_prepared(tmp_path / "prepared", 4, PANEL, val=3))
     pipe = load_pipeline(tiny_cfg, components={k: tiny[k] for k in ("transformer", "vae", "text_encoder",
                                                                     "tokenizer", "text_encoder_2", "tokenizer_2")})
     calls = []
@@ -134,7 +118,7 @@ def test_generate_uses_training_diptych_mask_and_per_sample_seeds(tmp_path, tiny
 
 def test_inference_pooled_equals_training_pooled(tmp_path, tiny, tiny_cfg):
     """The fused pooled embedding the transformer sees at inference is the one the training step computes."""
-    prepared = make_prepared(tmp_path / "prepared")
+    prepared = make_prepared(tmp_path / "prepared", 4, PANEL, val=3)
     params = validate({"data": {"panel_size": PANEL, "output": str(prepared)}, "model": {"max_sequence_length": MSL},
                        "encode": {"output": str(tmp_path / "latents")}})
     encode(params, device="cpu")
@@ -160,7 +144,7 @@ def test_inference_pooled_equals_training_pooled(tmp_path, tiny, tiny_cfg):
 
 
 def test_lora_from_disk_matches_trained_transformer_and_changes_output(tmp_path, tiny, tiny_cfg):
-    panels, prompts = val_panels(make_prepared(tmp_path / "prepared"))
+    panels, prompts = val_panels(make_prepared(tmp_path / "prepared", 4, PANEL, val=3))
     panels, prompts = panels[:2], prompts[:2]
     transformer = lora_transformer(tiny_cfg)
     assert transformer.x_embedder.lora_A["default"].in_features == 384  # the Fill-only adapter
@@ -196,7 +180,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_cfg, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    prepared = make_prepared(tmp_path / "data" / "prepared")
+    prepared = make_prepared(tmp_path / "data" / "prepared", 4, PANEL, val=3)
     (tmp_path / "params.yaml").write_text(
         f"data: {{panel_size: {PANEL}}}\nmodel: {{max_sequence_length: {MSL}}}\n"
         "train: {lora: {rank: 4, alpha: 8}}\neval: {num_inference_steps: 2, batch_size: 2}\n")
@@ -248,7 +232,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_cfg, monkeypatch, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generate_with_lora_and_fusion_on_cuda_bf16(tmp_path, tiny_cfg):
     """The evaluation path at the dtype the real model runs in: bf16 transformer, fp32 fusion, CPU generators."""
-    panels, prompts = val_panels(make_prepared(tmp_path / "prepared"))
+    panels, prompts = val_panels(make_prepared(tmp_path / "prepared", 4, PANEL, val=3))
     save_lora(lora_transformer(tiny_cfg), tmp_path / "lora")
     pipe = load_pipeline(tiny_cfg, "cuda", torch.bfloat16)
     fusion = fusion_module().to("cuda")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_encode import make_prepared  # noqa: E402
 
+from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
@@ -28,7 +28,7 @@ PANEL = 32
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    make_prepared(root / "prepared", n=6, panel=PANEL)
+    make_prepared(root / "prepared", 6, PANEL)
     encode(validate(raw_params(root)), device="cpu")
     return root
 
