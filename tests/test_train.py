@@ -178,3 +178,46 @@ def test_cache_for_other_panel_size_is_refused(latents, workdir):
     raw["data"]["panel_size"] = 64
     with pytest.raises(FluxfillError, match=r"panel_size: cache has 32, expected 64"):
         train(validate(raw))
+
+
+def test_ctrl_c_writes_a_checkpoint(latents, workdir):
+    raw = raw_params(latents, max_steps=400, checkpoint_every=50)
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    log = open("train.log", "w")  # a file, not a pipe: the progress bar would fill a pipe and stall the run
+    proc = subprocess.Popen([sys.executable, "-m", "fluxfill.cli", "train"], stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(Path("checkpoints").glob("*/checkpoint-000050")):
+            assert proc.poll() is None and time.monotonic() < deadline, Path("train.log").read_text()[-2000:]
+            time.sleep(0.02)
+        time.sleep(1.0)  # a few more steps
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    err = Path("train.log").read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; a checkpoint was written, run `fluxfill train` again to resume" in err
+    steps = [int(p.name.split("-")[1]) for p in Path("checkpoints").glob("*/checkpoint-*")]
+    assert f"interrupted at step {max(steps)}: writing a checkpoint" in err and max(steps) >= 50
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    killed_run = json.loads(next(Path("checkpoints").glob(f"*/checkpoint-{max(steps):06d}/fluxfill_state.json"))
+                            .read_text())["run_id"]
+    assert mlflow.MlflowClient().get_run(killed_run).info.status == "KILLED"
+
+
+def test_unreachable_tracking_server_fails_before_training(latents, workdir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = raw_params(latents)
+    raw["tracking"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(FluxfillError, match=rf"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
+        train(validate(raw))
+    assert time.monotonic() - start < 30 and not Path("checkpoints").exists()
