@@ -134,13 +134,14 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def train(params: Params, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training as configured; ``stop_after`` ends early after that many steps (tests)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import FluxFillPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
+
+    from accelerate import Accelerator
 
     t = params.train
     cache = LatentCache(params.encode.output, "train", expect={
