@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CPU build of torch, installed before anything else so that no CUDA build is pulled in.
 # On a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
+# a local folder of wheels (the CPU torch build lies in /opt/wheels on the project's machines)
+WHEELS ?= $(wildcard /opt/wheels)
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
@@ -21,7 +23,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install $(if $(WHEELS),--find-links $(WHEELS)) $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	$(PIP) install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0
 	touch $(STAMP)
 
@@ -32,8 +34,8 @@ run: install
 	$(VENV)/bin/dvc repro
 	$(VENV)/bin/fluxfill summary
 
-## the whole test suite (CPU, no network)
-test: install
+## lint, then the whole test suite (CPU, no network)
+test: lint
 	$(PY) -m pytest -q
 
 bench: install
