@@ -1,0 +1,319 @@
+"""Prefect flows over the DVC stages: one flow per stage, and ``train-diptych`` chaining them all.
+
+``train-diptych(overrides, run_name)``:
+
+1. validates ``overrides`` (``{"train.max_steps": 50, "fusion.mode": "none"}``) with the typed
+   config on top of ``params.yaml``, before anything runs; ``run_name`` becomes
+   ``tracking.run_name``, the MLflow run's name;
+2. writes them into the workspace's ``params.yaml`` (comments kept), as ``dvc exp run -S`` would: the
+   file then says what ran, ``dvc params diff`` shows the change, and the values stay for later runs
+   (``git checkout params.yaml`` returns to the committed ones);
+3. asks DVC, stage by stage in ``dvc repro``'s order, whether the stage is stale, and runs the stale
+   ones with ``dvc repro --single-item <stage>`` (each a sub-flow, its output streamed into the
+   Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
+4. leaves ``dvc.lock`` up to date (checked with ``dvc status``), so ``dvc repro`` has nothing to do;
+5. with a ``run_name``, records the workspace as DVC experiment ``run_name`` (``dvc exp show``);
+6. publishes Prefect artifacts: a summary, a table of the metrics, the MLflow run's address.
+
+Stages are not retried: a failed training is a result to read, not a glitch. Calls to MLflow are.
+Flows work in the repository found from the current directory (``python -m flows.serve`` moves there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
+from fluxfill.tracking import RUN_REF_FILE, read_run_ref
+
+from . import workspace
+from .workspace import StageFailed, StageRun
+
+
+# ------------------------------------------------------------------------------------------ tasks
+@task(name="apply-overrides", cache_policy=NO_CACHE)
+def apply_overrides(root: Path, overrides: dict[str, Any]) -> dict[str, list[Any]]:
+    """Validate ``overrides`` with the typed config, then write them into params.yaml; ``{key: [old, new]}``."""
+    logger = get_run_logger()
+    params, flat = workspace.validate_overrides(root, overrides)
+    changed = workspace.write_params(root / PARAMS_FILE, flat)
+    if load_params(root / PARAMS_FILE) != params:  # the file must now say exactly what was validated
+        raise ConfigError(f"{root / PARAMS_FILE}: writing the overrides {flat} did not give the validated params")
+    for key, (old, new) in changed.items():
+        logger.info("params.yaml: %s = %r (was %r)", key, new, old)
+    if flat and not changed:
+        logger.info("params.yaml already holds the overrides %s", flat)
+    return {k: [old, new] for k, (old, new) in changed.items()}
+
+
+@task(name="dvc-status", cache_policy=NO_CACHE)
+def stage_status(root: Path, stage: str) -> list[str]:
+    """Why DVC considers ``stage`` stale; empty when it is up to date."""
+    return workspace.stale_reasons(root, stage)
+
+
+@task(name="dvc-repro", task_run_name="dvc-repro-{stage}", cache_policy=NO_CACHE, retries=0)
+def repro(root: Path, stage: str) -> StageRun:
+    """``dvc repro --single-item <stage>``, its output streamed line by line into the run log. Never retried."""
+    logger = get_run_logger()
+    logger.info("$ dvc repro --single-item %s   (in %s)", stage, root)
+
+    def emit(line: str) -> None:
+        if line.startswith("ERROR") or ": error:" in line or line.startswith("Traceback"):
+            logger.error(line)
+        else:
+            logger.info(line)
+
+    run = workspace.run_stage(root, stage, emit)
+    logger.info("stage %s: %s in %.1f s", stage, run.status, run.seconds)
+    return run
+
+
+@task(name="dvc-exp-save", cache_policy=NO_CACHE)
+def exp_save(root: Path, name: str) -> str:
+    """``dvc exp save -n <name>``: the workspace (params, dvc.lock, metrics) as a DVC experiment."""
+    return workspace.save_experiment(root, name)
+
+
+@task(name="mlflow-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Look up the MLflow run in ``ref`` (its name and status) and set ``tags`` on it. Retried."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=ref["tracking_uri"])
+    run = client.get_run(ref["run_id"])
+    for key, value in (tags or {}).items():
+        client.set_tag(run.info.run_id, key, value)
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "tracking_uri": ref["tracking_uri"],
+    }
+
+
+# ---------------------------------------------------------------------------------- stage flows
+def _stage_flow(stage: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    root = repo_root()
+    if overrides:
+        apply_overrides(root, overrides)
+    return repro(root, stage).to_dict()
+
+
+@flow(name="prepare-data")
+def prepare_data(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DVC stage ``prepare``: the triptych dataset in data/prepared."""
+    return _stage_flow("prepare", overrides)
+
+
+@flow(name="encode-latents")
+def encode_latents(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DVC stage ``encode``: the latent cache in data/latents."""
+    return _stage_flow("encode", overrides)
+
+
+@flow(name="train")
+def train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DVC stage ``train``: LoRA + fusion weight in models/, metrics/train.json, an MLflow run."""
+    return _stage_flow("train", overrides)
+
+
+@flow(name="evaluate")
+def evaluate(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DVC stage ``evaluate``: metrics/eval.json and sample panels in eval/."""
+    return _stage_flow("evaluate", overrides)
+
+
+STAGE_FLOWS = {"prepare": prepare_data, "encode": encode_latents, "train": train, "evaluate": evaluate}
+
+
+# ------------------------------------------------------------------------------------ artifacts
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in flatten(values).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def mlflow_ui_url(info: dict[str, Any]) -> str | None:
+    """The run's page in the MLflow UI when the tracking URI is a server, else None."""
+    uri = info["tracking_uri"]
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+
+
+def _mlflow_ui_hint(info: dict[str, Any]) -> str:
+    """How to see a run kept in a local database (sqlite, files): there is no URL until ``mlflow ui`` runs."""
+    return (f"`mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1`, then open "
+            f"http://127.0.0.1:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}")
+
+
+def summary_markdown(
+    runs: list[StageRun], changed: dict[str, list[Any]], metrics: dict[str, dict[str, Any]],
+    mlflow_info: dict[str, Any] | None, notes: list[str], failure: str | None = None,
+) -> str:
+    """The run's summary: stages run or skipped, overrides, final loss and α, evaluation metrics, MLflow run."""
+    lines = [f"# train-diptych: {'failed' if failure else 'completed'}", "",
+             "| stage | result | seconds | why it ran |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r.stage} | {r.status} | {r.seconds:.1f} | {'; '.join(r.reasons) or '-'} |" for r in runs]
+    if failure:
+        lines += ["", "**Error**", "", "```", failure.strip(), "```"]
+    lines += ["", "**Overrides written to params.yaml**: " + (", ".join(
+        f"`{k}: {json.dumps(new)}` (was `{json.dumps(old)}`)" for k, (old, new) in changed.items()) or "none")]
+    for path, m in metrics.items():
+        values = _numbers(m["values"])
+        if m["stage"] == "train":
+            alpha = values.get("fusion_weight")
+            lines.append(f"\n**Training** ({path}): final loss {_fmt(values.get('loss'))}, final α "
+                         + (_fmt(alpha) if alpha is not None else "none (fusion.mode none)"))
+        else:
+            lines.append(f"\n**{m['stage']}** ({path}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
+    if mlflow_info:
+        url = mlflow_ui_url(mlflow_info)
+        lines.append(f"\n**MLflow**: run `{mlflow_info['run_name']}` (`{mlflow_info['run_id']}`, "
+                     f"{mlflow_info['status']}): " + (f"[open]({url})" if url else _mlflow_ui_hint(mlflow_info)))
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def publish(
+    runs: list[StageRun], changed: dict[str, list[Any]], metrics: dict[str, dict[str, Any]],
+    mlflow_info: dict[str, Any] | None, notes: list[str], failure: str | None = None,
+) -> None:
+    """The run's Prefect artifacts: ``train-diptych-summary``, ``train-diptych-metrics``, ``mlflow-run``."""
+    create_markdown_artifact(summary_markdown(runs, changed, metrics, mlflow_info, notes, failure),
+                             key="train-diptych-summary", description="stages run or skipped, results, links")
+    rows = [{"stage": m["stage"], "file": path, "metric": k, "value": v}
+            for path, m in metrics.items() for k, v in _numbers(m["values"]).items()]
+    if rows:
+        create_table_artifact(rows, key="train-diptych-metrics", description="the metrics files of dvc.yaml")
+    if mlflow_info:
+        desc = f"MLflow run {mlflow_info['run_name']} ({mlflow_info['run_id']})"
+        if url := mlflow_ui_url(mlflow_info):
+            create_link_artifact(url, link_text=mlflow_info["run_name"] or mlflow_info["run_id"],
+                                 key="mlflow-run", description=desc)
+        else:  # a link artifact needs a URL
+            create_markdown_artifact(f"MLflow run `{mlflow_info['run_name']}` (`{mlflow_info['run_id']}`) "
+                                     f"is in `{mlflow_info['tracking_uri']}`: {_mlflow_ui_hint(mlflow_info)}",
+                                     key="mlflow-run", description=desc)
+
+
+# ---------------------------------------------------------------------------------- train-diptych
+def _read_metrics(root: Path) -> dict[str, dict[str, Any]]:
+    """``{path: {"stage": ..., "values": {...}}}`` for each metrics file of dvc.yaml that exists."""
+    return {path: {"stage": stage, "values": values} for path, stage in workspace.metrics_files(root).items()
+            if (values := workspace.read_json(root / path)) is not None}
+
+
+def _check_experiment_name(root: Path, name: str) -> None:
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            names = {n for exps in repo.experiments.ls().values() for n, _ in exps}
+    except Exception:  # no git commit yet: `dvc exp save` will say so at the end
+        return
+    if name in names:
+        raise ConfigError(
+            f"run_name {name!r} is already a DVC experiment of this commit (`dvc exp show`): choose another "
+            "run_name, remove it with `dvc exp remove " + name + "`, or pass save_experiment=false"
+        )
+
+
+@flow(name="train-diptych")
+def train_diptych(
+    overrides: dict[str, Any] | None = None, run_name: str | None = None, save_experiment: bool = True,
+) -> dict[str, Any]:
+    """Run the stale DVC stages (prepare -> encode -> train -> evaluate) with validated param overrides.
+
+    overrides: dotted keys of params.yaml, e.g. {"train.max_steps": 50, "fusion.mode": "none"}; written
+      into params.yaml (comments kept) before the stages run.
+    run_name: the MLflow run's name (tracking.run_name) and, with save_experiment, the DVC experiment's.
+    save_experiment: record the finished workspace with `dvc exp save -n <run_name>`.
+    """
+    logger = get_run_logger()
+    root = repo_root()
+    flat = workspace.normalize_overrides(overrides)
+    if run_name:
+        flat["tracking.run_name"] = run_name
+        if save_experiment:
+            _check_experiment_name(root, run_name)
+    stages = workspace.pipeline_stages(root)  # a broken dvc.yaml fails here, before params.yaml changes
+    changed = apply_overrides(root, flat)
+    params = load_params(root / PARAMS_FILE)
+    logger.info("pipeline (dvc repro order): %s", " -> ".join(stages))
+    runs: list[StageRun] = []
+    notes: list[str] = []
+    try:
+        for stage in stages:
+            reasons = stage_status(root, stage)
+            if not reasons:
+                logger.info("stage %s: up to date, skipped", stage)
+                runs.append(StageRun(stage, "up to date"))
+                continue
+            logger.info("stage %s is stale: %s", stage, "; ".join(reasons))
+            stage_flow = STAGE_FLOWS.get(stage)
+            run = StageRun(**stage_flow()) if stage_flow else repro(root, stage)
+            run.reasons = reasons
+            runs.append(run)
+    except Exception as e:
+        failed = next((s for s in stages if s not in {r.stage for r in runs}), "?")
+        runs.append(StageRun(failed, "failed"))
+        try:
+            publish(runs, changed, _read_metrics(root), None, notes, failure=str(e))
+        except Exception as publish_error:  # the stage's error is the one to report
+            logger.warning("could not publish the summary artifact: %s", publish_error)
+        raise
+
+    left = workspace.workspace_status(root)
+    if left:
+        notes.append(f"dvc status still reports: {left}")
+        logger.warning("dvc status after the run is not clean: %s", left)
+    else:
+        notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
+
+    mlflow_info = None
+    ref = read_run_ref(root / params.train.output / RUN_REF_FILE)
+    if ref:
+        trained = any(r.stage == "train" and r.status == "ran" for r in runs)
+        tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
+        try:
+            mlflow_info = mlflow_run(ref, tags)
+        except Exception as e:  # retried already; the stages' results stand, the link is what is missing
+            notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
+            logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)
+        if not trained:
+            notes.append("training did not run in this flow run: the MLflow run is the earlier one")
+    else:
+        notes.append(f"no {params.train.output}/{RUN_REF_FILE}: no MLflow run to link")
+
+    if run_name and save_experiment:
+        try:
+            logger.info(exp_save(root, run_name))
+            notes.append(f"saved as DVC experiment `{run_name}` (`dvc exp show`, `dvc exp apply {run_name}`)")
+        except StageFailed as e:
+            notes.append(f"not saved as a DVC experiment: {e}")
+            logger.warning("%s", e)
+
+    metrics = _read_metrics(root)
+    publish(runs, changed, metrics, mlflow_info, notes)
+    return {"stages": [r.to_dict() for r in runs], "overrides": changed, "metrics": metrics, "mlflow": mlflow_info}
+
+
+def _prefect_tags(flat: dict[str, Any]) -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
+            "fluxfill.overrides": json.dumps(flat, sort_keys=True)}
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    return tags
