@@ -255,7 +255,7 @@ def test_start_run_logs_flat_params_tags_metrics_and_resumes(store, caplog):
     assert logged.info.run_name == "first"
     assert logged.data.params == {k: str(v) for k, v in params.flat().items()}
     assert logged.data.params["train.lora.rank"] == "8"
-    assert logged.data.params["train.fusion_learning_rate"] == "None"
+    assert logged.data.params["eval.max_samples"] == "None"
     assert logged.data.params["train.lora.target_modules"].startswith("['x_embedder', 'attn.to_q'")
     assert logged.data.tags["device"] == "cuda (test)"
     assert logged.data.tags["preset"] == "tiny"
