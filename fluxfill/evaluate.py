@@ -148,19 +148,23 @@ def generate(pipe, fusion: SemanticFusion | None, panels: Sequence[Panels], prom
         prompt_embeds, pooled = conditioning(pipe, fusion, list(prompts[start:start + batch_size]),
                                              [p.reference for p in chunk], max_sequence_length,
                                              image_encoder, image_processor)
-        images = pipe(
-            image=[p.diptych for p in chunk],
-            mask_image=[p.mask for p in chunk],
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            height=size,
-            width=2 * size,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))],
-            max_sequence_length=max_sequence_length,
-            output_type="pil",
-        ).images
+        dtype = pipe.vae.dtype  # the pipeline runs in prompt_embeds' dtype: it must be its VAE's
+        # a transformer prepared by accelerate for mixed precision returns fp32: autocast keeps the VAE fed
+        half = dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(pipe.vae.device.type, dtype=dtype, enabled=half):
+            images = pipe(
+                image=[p.diptych for p in chunk],
+                mask_image=[p.mask for p in chunk],
+                prompt_embeds=prompt_embeds.to(dtype),
+                pooled_prompt_embeds=pooled.to(dtype),
+                height=size,
+                width=2 * size,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))],
+                max_sequence_length=max_sequence_length,
+                output_type="pil",
+            ).images
         out += [img.crop((size, 0, 2 * size, size)) for img in images]  # the painted target half
     return out
 
@@ -250,10 +254,11 @@ def training_sample_grid(params: Params, transformer, fusion: SemanticFusion, ma
         return None
     val, panels = val.head(max_rows), panels[:max_rows]
     dev = transformer.device
-    pipe = load_pipeline(params.model, dev, transformer.dtype, components={"transformer": transformer})
+    dtype = next(p.dtype for p in transformer.parameters() if not p.requires_grad)  # the frozen base's, not LoRA's
+    pipe = load_pipeline(params.model, dev, dtype, components={"transformer": transformer})
     extra = {}
     if fusion.enabled:
-        extra = {"image_encoder": load_component(params.model, "image_encoder", dev, transformer.dtype),
+        extra = {"image_encoder": load_component(params.model, "image_encoder", dev, dtype),
                  "image_processor": load_component(params.model, "image_processor", dev)}
     was_training = transformer.training
     transformer.eval()

@@ -141,17 +141,23 @@ def _scheduler():
     return FlowMatchEulerDiscreteScheduler.from_config(cfg)
 
 
-def _image_processor(size: int):
-    from transformers import CLIPImageProcessorPil
+def _clip_image_processor_class():
+    """transformers >= 5 splits PIL and torchvision processors; the PIL one needs no torchvision."""
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor as cls
+    return cls
 
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+def _image_processor(size: int):
+    return _clip_image_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
     """Load one component of FLUX.1-Fill-dev (hub id or local folder) or of the CLIP vision tower."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import (
-        CLIPImageProcessorPil,
         CLIPTextModel,
         CLIPTokenizer,
         CLIPVisionModelWithProjection,
@@ -168,7 +174,7 @@ def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: t
         "tokenizer_2": (T5TokenizerFast, cfg.pretrained, "tokenizer_2"),
         "scheduler": (FlowMatchEulerDiscreteScheduler, cfg.pretrained, "scheduler"),
         "image_encoder": (CLIPVisionModelWithProjection, cfg.image_encoder, None),
-        "image_processor": (CLIPImageProcessorPil, cfg.image_encoder, None),
+        "image_processor": (_clip_image_processor_class(), cfg.image_encoder, None),
     }
     cls, source, subfolder = loaders[name]
     kwargs = {"revision": cfg.revision} if cfg.revision and source == cfg.pretrained else {}

@@ -221,3 +221,16 @@ def test_unreachable_tracking_server_fails_before_training(latents, workdir):
     with pytest.raises(FluxfillError, match=rf"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
         train(validate(raw))
     assert time.monotonic() - start < 30 and not Path("checkpoints").exists()
+
+
+def test_bf16_mixed_precision_run_ends_with_a_sample_grid(latents, workdir):
+    """The CUDA default (bf16 weights, accelerate autocast whose outputs are fp32) exercised on the CPU."""
+    raw = raw_params(latents, max_steps=2, mixed_precision="bf16")
+    raw["model"]["dtype"] = "bf16"
+    raw["eval"] = {"num_inference_steps": 1}
+    result = train(validate(raw))
+    lora = load_file("models/lora/pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in lora.values())  # trainable weights kept in fp32
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    grids = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "samples")]
+    assert grids == ["samples/step_000002.png"]
