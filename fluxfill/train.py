@@ -216,7 +216,8 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
                                          num_workers=t.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=t.num_workers > 0)
 
-    run_ctx = tracking.start_run(params, run_id=run_id) if main else contextlib.nullcontext()
+    tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed}
+    run_ctx = tracking.start_run(params, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
     with run_ctx as run:
         run_id = run.info.run_id if run else None
         result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,

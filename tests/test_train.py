@@ -71,7 +71,7 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "24"
-    assert run.data.tags["preset"] == "tiny"
+    assert run.data.tags["preset"] == "tiny" and run.data.tags["accelerate.world_size"] == "1"
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == list(range(2, 25, 2))
     alphas = client.get_metric_history(result.run_id, "fusion_weight")
     assert len(alphas) == 12 and alphas[-1].value == pytest.approx(result.fusion_weight)
