@@ -45,7 +45,11 @@ def raw_params(root: Path, **train) -> dict:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    yield tmp_path
+    # accelerate keeps one state per process; a CLI run has one, these tests run many (with other precisions)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
