@@ -22,6 +22,7 @@ import yaml
 
 from flows import workspace
 from fluxfill.config import ConfigError, load_params
+from fluxfill.tracking import read_run_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for the whole chain in seconds per stage on a CPU
@@ -219,7 +220,7 @@ def test_failing_stage_fails_the_flow_run_and_keeps_earlier_outputs(repo, harnes
     assert done["stage"] == "prepare" and done["status"] == "ran"
     manifest = (repo / "data/prepared/manifest.csv").read_bytes()
     lock = (repo / "dvc.lock").read_bytes()
-    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data"]["panel_size"] == 64
+    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data.panel_size"] == 64
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -340,7 +341,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         # a new MLflow run, named by run_name, with the override among its params and a fusion_weight history
         from mlflow.tracking import MlflowClient
 
-        ref = json.loads((repo / "models/mlflow_run.json").read_text())
+        ref = read_run_ref(repo / "models", repo)
         client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"
