@@ -450,8 +450,8 @@ def canonical_safetensors_header(path: Path) -> None:
 
 def _load_checkpoint(accelerator, ckpt: Path) -> tuple[int, str | None, list[dict]]:
     """Restore ``ckpt``; returns (step, MLflow run id, history). A damaged one is refused in one line."""
-    fix = (f"delete it (`rm -r {ckpt}`) to resume from the checkpoint before it, or start over with "
-           "`fluxfill train --fresh`")
+    fix = f"delete the checkpoint (`rm -r {ckpt}`) to resume from the one before it, or start over with " \
+          "`fluxfill train --fresh`"
     state_file = ckpt / CHECKPOINT_STATE
     with reading(state_file, what="checkpoint state", fix=fix):
         state = json.loads(state_file.read_text())
