@@ -5,6 +5,9 @@ constants below as DVC template variables (``vars: [fluxfill/artifacts.py]``, th
 the folders from ``params.yaml`` (``${train.output}``), so a name or a path is written exactly once. DVC reads
 only literal top-level assignments of this file: keep the names plain strings.
 
+Outputs are byte-deterministic (no timings, run ids or dates; :func:`canonical` and
+:func:`canonical_safetensors_header` remove the hash orders that Python sets and safetensors bring in).
+
 A file that an earlier stage or run wrote can be damaged, truncated or from another version of fluxfill;
 :func:`damaged` is the one message for all of them: the file, what is wrong, and the command that rebuilds it.
 """
@@ -12,6 +15,7 @@ A file that an earlier stage or run wrote can be damaged, truncated or from anot
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,3 +82,37 @@ def reading(path: str | Path, stage: str | None = None, what: str = "file", fix:
         raise damaged(path, f"{what} not found", stage, fix) from None
     except Exception as e:  # safetensors, pickle, JSON, CSV and image decoders each raise their own kinds
         raise damaged(path, f"damaged or truncated {what} ({_first_line(e)})", stage, fix) from None
+
+
+# -------------------------------------------------------------------------------------- deterministic bytes
+def canonical(value):
+    """``value`` with every set turned into a sorted list (peft keeps ``target_modules`` in a hash-ordered set)."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Sort the ``__metadata__`` keys of a safetensors file in place.
+
+    safetensors writes its metadata from a hash map, so a file with two keys (diffusers adds ``format``) changes
+    its bytes from one process to the next. Sorting keeps the header's length: the data offsets stay valid.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False)
+        padded = text.encode().ljust(n, b" ")
+        if len(padded) != n:
+            raise RuntimeError(f"{path}: re-serialised safetensors header is {len(padded)} bytes, not {n}")
+        f.seek(8)
+        f.write(padded)

@@ -45,6 +45,8 @@ from .artifacts import (
     TRAIN_METRICS,
     TRAIN_PLOT,
     TRAIN_TIMING,
+    canonical,
+    canonical_safetensors_header,
     damaged,
     lora_weights,
     reading,
@@ -311,8 +313,8 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 continue
             step += 1
             bar.update(1)
-            alpha = fusion_module.alpha
-            pending.append(_pending_row(step, losses, grad_norm, alpha, scheduler.get_last_lr()[0], device))
+            pending.append(_pending_row(step, losses, grad_norm, fusion_module.alpha, scheduler.get_last_lr()[0],
+                                        device))
             losses = []
             if step % t.log_every == 0 or step == end or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 rows = _flush(pending, accelerator, ckpt_root)  # the one host sync
@@ -324,8 +326,8 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 if main:
                     _log_rows(rows, samples_per_s)
                     last = rows[-1]
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{last.get('fusion_weight', float('nan')):.4f}",
-                                    sps=f"{samples_per_s:.1f}")
+                    alpha = last.get("fusion_weight", math.nan)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
             if main and t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
@@ -414,38 +416,6 @@ def _write_timing(result: TrainResult, device) -> None:
     mlflow.log_metric("peak_memory_mb", timing["peak_memory_mb"])
     Path(TRAIN_TIMING).parent.mkdir(parents=True, exist_ok=True)
     Path(TRAIN_TIMING).write_text(json.dumps(timing, indent=2) + "\n")
-
-
-def canonical(value):
-    """``value`` with every set turned into a sorted list (peft keeps ``target_modules`` in a hash-ordered set)."""
-    if isinstance(value, dict):
-        return {k: canonical(v) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    if isinstance(value, list | tuple):
-        return [canonical(v) for v in value]
-    return value
-
-
-def canonical_safetensors_header(path: Path) -> None:
-    """Sort the ``__metadata__`` keys of a safetensors file in place.
-
-    safetensors writes its metadata from a hash map, so a file with two keys (diffusers adds ``format``) changes
-    its bytes from one process to the next. Sorting keeps the header's length: the data offsets stay valid.
-    """
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
-        header = json.loads(raw)
-        meta = header.pop("__metadata__", None)
-        if not meta:
-            return
-        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
-        padded = text.encode().ljust(n, b" ")
-        if len(padded) != n:
-            raise RuntimeError(f"{path}: re-serialised safetensors header is {len(padded)} bytes, not {n}")
-        f.seek(8)
-        f.write(padded)
 
 
 def _load_checkpoint(accelerator, ckpt: Path) -> tuple[int, str | None, list[dict]]:

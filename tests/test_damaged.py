@@ -217,3 +217,18 @@ def test_damaged_metrics_file(workspaces, tmp_path, monkeypatch, capsys):
     line = run_broken(workspaces, tmp_path, monkeypatch, capsys, "done", ["summary"],
                       lambda ws: truncate(ws / artifacts.TRAIN_METRICS))
     expect(line, "summary", artifacts.TRAIN_METRICS, r"not a metrics file \(.+\)", REBUILD["train"])
+
+
+def test_summary_names_the_run_that_trained_the_weights(workspaces, tmp_path, monkeypatch, capsys):
+    ws = tmp_path / "ws"
+    shutil.copytree(workspaces["done"], ws)
+    monkeypatch.chdir(ws)
+    [ref] = (ws / artifacts.RUN_REFS).glob("*.json")
+    run_id = json.loads(ref.read_text())["run_id"]
+    capsys.readouterr()
+    assert main(["summary"]) == 0
+    assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
+    (ws / "models/fusion.safetensors").write_bytes(b"other weights")  # e.g. another run's, from DVC's cache
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert run_id not in out and "no MLflow run known for the weights in models/" in out

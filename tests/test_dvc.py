@@ -219,6 +219,26 @@ CHAIN = ("import sys\nfrom fluxfill.cli import main\n"
          "    if main([stage]):\n        sys.exit(f'fluxfill {stage} failed')\n")
 
 
+def test_canonical_safetensors_header_sorts_metadata_and_keeps_the_tensors(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    meta = {"format": "pt", "z": "1", "lora_adapter_metadata": '{"r": 4}', "c": "é"}
+    save_file(tensors, tmp_path / "w.safetensors", metadata=meta)
+    size = (tmp_path / "w.safetensors").stat().st_size
+    artifacts.canonical_safetensors_header(tmp_path / "w.safetensors")
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    header = raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
+    assert header.index('"c"') < header.index('"format"') < header.index('"lora_adapter_metadata"') < header.index('"z"')
+    assert len(raw) == size and all(torch.equal(v, tensors[k]) for k, v in load_file(tmp_path / "w.safetensors").items())
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+    assert artifacts.canonical({"t": {"b", "a"}, "n": [{"c", "a"}], "x": 1}) == {"t": ["a", "b"], "n": [["a", "c"]],
+                                                                                 "x": 1}
+
+
 def _files(repo: Path, outs: list[str]) -> dict[str, bytes]:
     found = {}
     for out in outs:
