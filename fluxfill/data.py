@@ -49,12 +49,12 @@ import yaml
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from .artifacts import MANIFEST
 from .config import DataConfig, FluxfillError, repo_root
 from .panels import build_panels, fit_panel, to_rgb
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("id", "split", "prompt", "source", "target", "reference", "sha256", "file")
 INPUT_COLUMNS = ("source", "target", "reference", "prompt", "split")
 REQUIRED_COLUMNS = ("source", "target")

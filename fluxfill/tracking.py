@@ -11,14 +11,18 @@ A stage that learns or measures does::
     with tracking.start_run(params) as run:          # checks the server, creates the experiment once
         mlflow.log_metrics({"loss": loss}, step=step)
         tracking.log_image(grid, f"step_{step:06d}")  # -> artifact samples/step_000020.png
-    tracking.write_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE, run)
+        tracking.write_run_ref(run, params.train.output)  # once the weights are written
 
-and a later stage logs into the same run::
+and a later stage logs into the run that trained the weights it finds::
 
     tracking.setup(params.tracking)
-    ref = tracking.read_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE)
+    ref = tracking.read_run_ref(params.train.output)
     run_id = ref["run_id"] if ref and tracking.find_run(ref["run_id"]) else None
     with tracking.start_run(params, run_id=run_id): ...
+
+The run reference is not part of the weights (a DVC out holds no run id: two identical runs write identical
+bytes). It lives in ``.fluxfill/runs/<digest of the weights>.json`` (git-ignored, per workspace), so weights
+that DVC restores from its cache find the run that trained them, and weights no run here wrote find none.
 
 MLflow's fluent API keeps one active run per thread and is not thread-safe: log from the main
 process (rank 0) only. Call :func:`setup` once before starting parallel processes so that they do
@@ -28,6 +32,7 @@ not race to create the experiment.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +53,7 @@ from mlflow.utils.file_utils import path_to_local_sqlite_uri
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import __version__
+from .artifacts import RUN_REFS, damaged
 from .config import FluxfillError, Params, TrackingConfig, repo_root
 
 if TYPE_CHECKING:
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
-RUN_REF_FILE = "mlflow_run.json"  # in train.output: the run that training logged, for evaluation to resume
+RUN_REF_FORMAT = 1  # the version of the run reference's layout
 ARTIFACTS_DIR = "mlartifacts"
 REACH_TIMEOUT_S = 5.0
 
@@ -305,23 +311,56 @@ def log_image(image: Image, name: str, folder: str = "samples") -> str:
     return artifact
 
 
-def write_run_ref(path: str | os.PathLike, run: mlflow.ActiveRun | Run) -> None:
-    """Write ``{"run_id", "experiment_id", "tracking_uri"}`` of ``run`` to ``path`` (JSON)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    ref = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
-    p.write_text(json.dumps(ref, indent=2) + "\n")
-
-
-def read_run_ref(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The reference :func:`write_run_ref` wrote, or None when ``path`` does not exist."""
-    p = Path(path)
-    if not p.exists():
+def models_digest(train_output: str | os.PathLike) -> str | None:
+    """sha256 over the relative names and contents of the files in ``train_output``; None when it holds none."""
+    root = Path(train_output)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files:
         return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def run_ref_path(train_output: str | os.PathLike, root: str | os.PathLike = ".") -> Path | None:
+    """Where the reference to the run that trained the weights in ``train_output`` lives; None without weights."""
+    digest = models_digest(train_output)
+    return None if digest is None else Path(root, RUN_REFS, f"{digest[:16]}.json")
+
+
+def write_run_ref(run: mlflow.ActiveRun | Run, train_output: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
+    """Record ``run`` as the run that trained the weights now in ``train_output``; returns the reference file."""
+    p = run_ref_path(train_output, root)
+    if p is None:
+        raise FluxfillError(f"{train_output} holds no files: write the weights before the run reference")
+    ref = {"format": RUN_REF_FORMAT, "models": models_digest(train_output), "run_id": run.info.run_id,
+           "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def read_run_ref(train_output: str | os.PathLike, root: str | os.PathLike = ".") -> dict[str, Any] | None:
+    """The reference :func:`write_run_ref` wrote for the weights now in ``train_output``; None when there is none.
+
+    A damaged file, one from another version of fluxfill or one naming other weights is refused (one line).
+    """
+    p = run_ref_path(train_output, root)
+    if p is None or not p.exists():
+        return None
+    fix = f"delete it (`rm {p}`: evaluation then logs to a new MLflow run) or rebuild it with `fluxfill train`"
     try:
         ref = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise FluxfillError(f"{p}: not a readable MLflow run reference ({e}); delete it or re-run `fluxfill train`") from None
-    if not isinstance(ref, dict) or not isinstance(ref.get("run_id"), str):
-        raise FluxfillError(f"{p}: no \"run_id\" in the MLflow run reference; delete it or re-run `fluxfill train`")
+        raise damaged(p, f"not a readable MLflow run reference ({e})", fix=fix) from None
+    if not isinstance(ref, dict) or ref.get("format") != RUN_REF_FORMAT or not all(
+            isinstance(ref.get(k), str) for k in ("run_id", "experiment_id", "tracking_uri", "models")):
+        raise damaged(p, f"an MLflow run reference from another version of fluxfill (format {RUN_REF_FORMAT} "
+                         "with run_id, experiment_id, tracking_uri and models expected)", fix=fix)
+    if ref["models"] != models_digest(train_output):
+        raise damaged(p, f"an MLflow run reference for other weights than those in {train_output}", fix=fix)
     return ref

@@ -6,9 +6,10 @@ accumulation, clipping, warm-up + schedule, optional gradient checkpointing, mul
   accelerate launch --num_processes 8 -m fluxfill.cli train             # DDP on 8 GPUs
   accelerate launch --config_file accelerate/fsdp.yaml -m fluxfill.cli train   # FSDP (see the file)
 
-Outputs (DVC outs): models/lora/pytorch_lora_weights.safetensors (diffusers format, loads with
-FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_run.json, metrics/train.json,
-plots/train.csv (step,loss,fusion_weight,lr).
+Outputs (DVC outs, byte-identical for identical runs): models/lora/pytorch_lora_weights.safetensors (diffusers
+format, loads with FluxFillPipeline.load_lora_weights), models/fusion.safetensors, metrics/train.json (final loss,
+fusion weight, steps), plots/train.csv (step,loss,fusion_weight,lr: one row per step, whatever train.log_every).
+Timings and memory go to MLflow and to .fluxfill/train_timing.json; the MLflow run to .fluxfill/runs/ (not outs).
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
 checkpoints/<config hash>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run restarted
@@ -36,6 +37,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import tracking
+from .artifacts import (
+    CHECKPOINT_LORA,
+    CHECKPOINT_STATE,
+    FUSION_FILE,
+    LORA_DIR,
+    TRAIN_METRICS,
+    TRAIN_PLOT,
+    TRAIN_TIMING,
+    canonical,
+    canonical_safetensors_header,
+    damaged,
+    lora_weights,
+    reading,
+)
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
 from .fusion import SemanticFusion
@@ -43,8 +58,6 @@ from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
 
 log = logging.getLogger(__name__)
-LORA_DIR, FUSION_FILE, RUN_REF = "lora", "fusion.safetensors", "mlflow_run.json"
-METRICS_FILE, PLOT_FILE = Path("metrics/train.json"), Path("plots/train.csv")
 # settings that do not change the trained weights (so a restart with new values still resumes)
 _NOT_IN_FINGERPRINT = {"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
                        "keep_checkpoints", "num_workers"}
@@ -188,7 +201,7 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             if isinstance(m, SemanticFusion):
                 m.save(Path(output_dir) / FUSION_FILE)
             else:
-                save_file(get_peft_model_state_dict(m), str(Path(output_dir) / "lora.safetensors"))
+                save_file(get_peft_model_state_dict(m), str(Path(output_dir) / CHECKPOINT_LORA))
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -197,16 +210,14 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             if isinstance(m, SemanticFusion):
                 m.load_state_dict(SemanticFusion.load(Path(input_dir) / FUSION_FILE).state_dict())
             else:
-                set_peft_model_state_dict(m, load_file(str(Path(input_dir) / "lora.safetensors")))
+                set_peft_model_state_dict(m, load_file(str(Path(input_dir) / CHECKPOINT_LORA)))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
     start, run_id, history = 0, None, []
     if ckpt := (_checkpoints(ckpt_root) or [None])[-1]:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "fluxfill_state.json").read_text())
-        start, run_id, history = state["step"], state["run_id"], state["history"]
+        start, run_id, history = _load_checkpoint(accelerator, ckpt)
         log.info("resuming from %s (step %d, MLflow run %s)", ckpt, start, run_id)
 
     accum = t.gradient_accumulation_steps
@@ -237,10 +248,12 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             FluxFillPipeline.save_lora_weights(
                 out_dir / LORA_DIR, safe_serialization=True,
                 transformer_lora_layers=get_peft_model_state_dict(unwrapped),
-                transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict())
+                transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
+            canonical_safetensors_header(lora_weights(out_dir))
             fusion_module.save(out_dir / FUSION_FILE)
-            tracking.write_run_ref(out_dir / RUN_REF, run)
-            _write_metrics(history, result, device)
+            tracking.write_run_ref(run, out_dir)
+            _write_metrics(history, result)
+            _write_timing(result, device)
             _log_samples(params, unwrapped, fusion_module, result.steps)
             mlflow.log_artifacts(str(out_dir), "model")
     return result
@@ -248,8 +261,12 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
 
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
           history, stop_after) -> TrainResult:
-    import mlflow
+    """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
+    The step's loss, gradient norm and α stay on the device until a log step (``train.log_every``), a checkpoint
+    or the end, where one host sync brings every pending step back: ``history`` (hence ``plots/train.csv``)
+    does not depend on ``log_every`` or ``checkpoint_every``.
+    """
     t = params.train
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
@@ -261,7 +278,7 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
         tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.save_state(str(tmp))
-        (tmp / "fluxfill_state.json").write_text(json.dumps({"step": step, "run_id": run_id, "history": history}))
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "run_id": run_id, "history": history}))
         final = ckpt_root / f"checkpoint-{step:06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -269,8 +286,8 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             shutil.rmtree(old, ignore_errors=True)
 
     fusion_module = accelerator.unwrap_model(fusion)
-    step, last_loss, window_t, window_samples = start, float("nan"), time.perf_counter(), 0
-    samples_per_s, losses = 0.0, []
+    step, window_t, window_samples = start, time.perf_counter(), 0
+    samples_per_s, losses, pending = 0.0, [], []
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
@@ -296,39 +313,72 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 continue
             step += 1
             bar.update(1)
+            pending.append(_pending_row(step, losses, grad_norm, fusion_module.alpha, scheduler.get_last_lr()[0],
+                                        device))
+            losses = []
             if step % t.log_every == 0 or step == end or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()  # the one host sync
-                losses.clear()
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good checkpoint is kept "
-                                        f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
-                last_loss = loss
+                rows = _flush(pending, accelerator, ckpt_root)  # the one host sync
+                pending.clear()
+                history.extend(rows)
                 now = time.perf_counter()
                 samples_per_s = window_samples / max(now - window_t, 1e-9)
                 window_t, window_samples = now, 0
-                alpha = _alpha(fusion_module)
-                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": samples_per_s}
-                if alpha is not None:
-                    row["fusion_weight"] = alpha
-                history.append(row)
                 if main:
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step, synchronous=False)
-                    bar.set_postfix(loss=f"{loss:.4f}", alpha="-" if alpha is None else f"{alpha:.4f}",
-                                    sps=f"{samples_per_s:.1f}")
+                    _log_rows(rows, samples_per_s)
+                    last = rows[-1]
+                    alpha = last.get("fusion_weight", math.nan)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
             if main and t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
                 _log_samples(params, accelerator.unwrap_model(transformer), fusion_module, step)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a checkpoint", step)
+        history.extend(_flush(pending, accelerator, ckpt_root) if pending else [])
         checkpoint(step)
         raise
     finally:
         bar.close()
     if step < t.max_steps:
         checkpoint(step)
+    last_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
+
+
+def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, alpha, lr: float, device) -> tuple:
+    """One optimizer step's values, still on the device: (step, lr, [loss, grad_norm(, α)])."""
+    values = [torch.stack(losses).float().mean(), torch.as_tensor(grad_norm, dtype=torch.float32, device=device)]
+    if alpha is not None:
+        values.append(alpha.detach().float())
+    return step, lr, torch.stack(values)  # [2] or [3]
+
+
+def _flush(pending: list[tuple], accelerator, ckpt_root: Path) -> list[dict]:
+    """The pending steps as history rows, with one host sync; a non-finite loss stops the run."""
+    values = torch.stack([v for _, _, v in pending])  # [K, 2|3]
+    losses = accelerator.reduce(values[:, 0].contiguous(), "mean")  # [K] the mean over processes
+    values = torch.cat([losses[:, None], values[:, 1:]], dim=1).tolist()  # [K, 2|3] on the host: the sync
+    rows = []
+    for (step, lr, _), v in zip(pending, values, strict=True):
+        if not math.isfinite(v[0]):
+            raise NonFiniteLoss(f"loss is {v[0]} at step {step}; stopped. The last good checkpoint is kept "
+                                f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
+        row = {"step": step, "loss": v[0], "lr": lr, "grad_norm": v[1]}
+        if len(v) == 3:
+            row["fusion_weight"] = v[2]
+        rows.append(row)
+    return rows
+
+
+def _log_rows(rows: list[dict], samples_per_s: float) -> None:
+    """Every step's loss, lr, grad_norm and α to MLflow (one batch), and the window's throughput."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, r["step"]) for r in rows for k, v in r.items() if k != "step"]
+    metrics.append(Metric("samples_per_s", samples_per_s, now, rows[-1]["step"]))
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics, synchronous=False)
 
 
 def _alpha(fusion: SemanticFusion) -> float | None:
@@ -343,18 +393,45 @@ def _peak_memory_mb(device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _write_metrics(history, result: TrainResult, device) -> None:
-    METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PLOT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps,
-               "samples_per_s": round(result.samples_per_s, 3),
-               "peak_memory_mb": round(_peak_memory_mb(device), 1)}
-    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+def _write_metrics(history: list[dict], result: TrainResult) -> None:
+    """The DVC metrics and plots of the run: values only, no timings, so identical runs write identical bytes."""
+    metrics_file, plot_file = Path(TRAIN_METRICS), Path(TRAIN_PLOT)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    plot_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps}
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     lines = ["step,loss,fusion_weight,lr"]
     for r in history:
         fw = "" if r.get("fusion_weight") is None else f"{r['fusion_weight']:.6f}"
         lines.append(f"{r['step']},{r['loss']:.6f},{fw},{r['lr']:.6g}")
-    PLOT_FILE.write_text("\n".join(lines) + "\n")
+    plot_file.write_text("\n".join(lines) + "\n")
+
+
+def _write_timing(result: TrainResult, device) -> None:
+    """Throughput and peak memory: to MLflow and to a git-ignored file, never into a DVC out."""
+    import mlflow
+
+    timing = {"steps": result.steps, "samples_per_s": round(result.samples_per_s, 3),
+              "peak_memory_mb": round(_peak_memory_mb(device), 1), "run_id": result.run_id}
+    mlflow.log_metric("peak_memory_mb", timing["peak_memory_mb"])
+    Path(TRAIN_TIMING).parent.mkdir(parents=True, exist_ok=True)
+    Path(TRAIN_TIMING).write_text(json.dumps(timing, indent=2) + "\n")
+
+
+def _load_checkpoint(accelerator, ckpt: Path) -> tuple[int, str | None, list[dict]]:
+    """Restore ``ckpt``; returns (step, MLflow run id, history). A damaged one is refused in one line."""
+    fix = f"delete the checkpoint (`rm -r {ckpt}`) to resume from the one before it, or start over with " \
+          "`fluxfill train --fresh`"
+    state_file = ckpt / CHECKPOINT_STATE
+    with reading(state_file, what="checkpoint state", fix=fix):
+        state = json.loads(state_file.read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("history"), list) or "run_id" not in state:
+        raise damaged(state_file, "a checkpoint state from another version of fluxfill (step, run_id and "
+                                  "history expected)", fix=fix)
+    with reading(ckpt, what="checkpoint", fix=fix):
+        accelerator.load_state(str(ckpt))
+    return state["step"], state["run_id"], state["history"]
 
 
 def _log_samples(params: Params, transformer, fusion, step: int) -> None:

@@ -22,6 +22,7 @@ import yaml
 
 from flows import workspace
 from fluxfill.config import ConfigError, load_params
+from fluxfill.tracking import read_run_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for the whole chain in seconds per stage on a CPU
@@ -29,29 +30,10 @@ SMALL = {"data.panel_size": 64, "model.max_sequence_length": 32, "encode.shard_s
          "train.checkpoint_every": 0, "eval.num_inference_steps": 1, "eval.max_samples": 2}
 
 
-def _copy_repo(dest: Path) -> Path:
-    """The checkout's tracked files (as they are on disk) in ``dest``, committed in a fresh git repo.
-
-    Untracked files stay behind: a local dvc.lock, mlflow.db or data/ would make the copy depend on
-    what ran in this checkout before.
-    """
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
-    git = ["git", "-c", "user.name=fluxfill", "-c", "user.email=fluxfill@localhost", "-c", "commit.gpgsign=false"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "copy"], cwd=dest, check=True)
-    return dest
-
-
 @pytest.fixture
-def repo(tmp_path, monkeypatch) -> Path:
+def repo(repo_copy, monkeypatch) -> Path:
     """A repository copy as the working directory; its own code and MLflow database for the stages."""
-    r = _copy_repo(tmp_path / "repo")
+    r = repo_copy
     monkeypatch.chdir(r)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(r), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{r}/mlflow.db")
@@ -219,7 +201,7 @@ def test_failing_stage_fails_the_flow_run_and_keeps_earlier_outputs(repo, harnes
     assert done["stage"] == "prepare" and done["status"] == "ran"
     manifest = (repo / "data/prepared/manifest.csv").read_bytes()
     lock = (repo / "dvc.lock").read_bytes()
-    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data"]["panel_size"] == 64
+    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data.panel_size"] == 64
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -279,8 +261,8 @@ def _wait_for(check, timeout: float, what: str, logs: list[Path]) -> None:
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
+    repo = repo_copy
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
@@ -340,7 +322,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         # a new MLflow run, named by run_name, with the override among its params and a fusion_weight history
         from mlflow.tracking import MlflowClient
 
-        ref = json.loads((repo / "models/mlflow_run.json").read_text())
+        ref = read_run_ref(repo / "models", repo)
         client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"

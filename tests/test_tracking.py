@@ -312,16 +312,26 @@ def test_log_image_writes_a_flat_readable_artifact(store):
 def test_run_ref_round_trip(store, tmp_path):
     with tracking.start_run(make_params(store)) as run:
         pass
-    ref_file = tmp_path / "models" / "mlflow_run.json"
-    tracking.write_run_ref(ref_file, run)
+    models = tmp_path / "models"
+    assert tracking.read_run_ref(models, tmp_path) is None  # no weights, no reference
+    (models / "lora").mkdir(parents=True)
+    (models / "lora" / "w.safetensors").write_bytes(b"weights")
+    ref_file = tracking.write_run_ref(run, models, tmp_path)
+    digest = tracking.models_digest(models)
+    assert ref_file == tmp_path / ".fluxfill" / "runs" / f"{digest[:16]}.json"
     assert json.loads(ref_file.read_text()) == {
-        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": store,
+        "format": 1, "models": digest, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+        "tracking_uri": store,
     }
-    assert tracking.read_run_ref(ref_file)["run_id"] == run.info.run_id
-    assert tracking.read_run_ref(tmp_path / "absent.json") is None
+    assert tracking.read_run_ref(models, tmp_path)["run_id"] == run.info.run_id
+    assert not list(models.rglob("*.json"))  # the weights folder (a DVC out) holds no run id
+    (models / "lora" / "w.safetensors").write_bytes(b"other weights")  # e.g. restored from DVC's cache
+    assert tracking.read_run_ref(models, tmp_path) is None
+    (models / "lora" / "w.safetensors").write_bytes(b"weights")
     ref_file.write_text("{not json")
-    with pytest.raises(FluxfillError, match="mlflow_run.json: not a readable MLflow run reference"):
-        tracking.read_run_ref(ref_file)
-    ref_file.write_text("{}")
-    with pytest.raises(FluxfillError, match='no "run_id"'):
-        tracking.read_run_ref(ref_file)
+    with pytest.raises(FluxfillError, match=rf"^{ref_file}: not a readable MLflow run reference .*; delete it "
+                                            rf"\(`rm {ref_file}`: evaluation then logs to a new MLflow run\)"):
+        tracking.read_run_ref(models, tmp_path)
+    ref_file.write_text('{"run_id": "abc"}')  # the layout of an older version
+    with pytest.raises(FluxfillError, match="an MLflow run reference from another version of fluxfill"):
+        tracking.read_run_ref(models, tmp_path)

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from bench.common import make_prepared
+from fluxfill import tracking
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
@@ -63,22 +64,29 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     result = train(params)
     assert result.steps == 24 and 0 < result.fusion_weight < 1 and abs(result.fusion_weight - 0.1) > 1e-3
     metrics = json.loads(Path("metrics/train.json").read_text())
-    assert metrics["steps"] == 24 and metrics["fusion_weight"] == pytest.approx(result.fusion_weight)
-    assert metrics["samples_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics == {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": 24}  # no timings
+    timing = json.loads(Path(".fluxfill/train_timing.json").read_text())  # they go to an untracked file
+    assert timing["samples_per_s"] > 0 and timing["peak_memory_mb"] > 0 and timing["run_id"] == result.run_id
     rows = Path("plots/train.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,fusion_weight,lr" and len(rows) == 1 + 12
+    assert rows[0] == "step,loss,fusion_weight,lr" and len(rows) == 1 + 24  # one row per step, log_every 2
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 25))
     losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert losses[-1] == pytest.approx(result.loss, abs=1e-6)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
-    ref = json.loads(Path("models/mlflow_run.json").read_text())
-    assert ref["run_id"] == result.run_id
+    ref = tracking.read_run_ref("models")
+    assert ref["run_id"] == result.run_id and not list(Path("models").rglob("*.json"))
     mlflow.set_tracking_uri(ref["tracking_uri"])
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "24"
     assert run.data.tags["preset"] == "tiny" and run.data.tags["accelerate.world_size"] == "1"
-    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == list(range(2, 25, 2))
+    loss_history = client.get_metric_history(result.run_id, "loss")
+    assert [m.step for m in loss_history] == list(range(1, 25))  # every step, sent in batches of log_every
+    assert [round(m.value, 6) for m in loss_history] == losses
     alphas = client.get_metric_history(result.run_id, "fusion_weight")
-    assert len(alphas) == 12 and alphas[-1].value == pytest.approx(result.fusion_weight)
+    assert len(alphas) == 24 and alphas[-1].value == pytest.approx(result.fusion_weight)
+    assert [m.step for m in client.get_metric_history(result.run_id, "samples_per_s")] == list(range(2, 25, 2))
+    assert run.data.metrics["peak_memory_mb"] == timing["peak_memory_mb"]
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
 
