@@ -292,7 +292,9 @@ def test_shorter_run_after_longer_run_is_a_new_run_of_exactly_its_steps(latents,
     assert sorted(p.name for p in Path("checkpoints", fingerprint).glob("checkpoint-*")) == [
         "checkpoint-000004", "checkpoint-000006"]
 
+    Path("models/notes.txt").write_text("mine")
     short = train(validate({**raw, "train": {**raw["train"], "max_steps": 3}}))  # no checkpoint <= 3: from step 0
+    assert Path("models/notes.txt").read_text() == "mine"  # train replaces only what it writes
     metrics = json.loads(Path("metrics/train.json").read_text())
     assert (short.steps, short.resumed_from, metrics["steps"]) == (3, 0, 3)
     assert metrics["loss"] == pytest.approx(short.loss) and 0 < metrics["loss"] < 10
@@ -322,6 +324,22 @@ def test_shorter_run_after_longer_run_is_a_new_run_of_exactly_its_steps(latents,
     assert len(set(names)) == 4
     for r, steps in ((long, 8), (short, 3), (five, 5)):
         assert re.fullmatch(NAME.format(steps=steps, fp=fingerprint[:6]), runs[r.run_id].info.run_name)
+
+
+def test_a_checkpoint_continues_only_its_own_unfinished_mlflow_run(latents):
+    from fluxfill import tracking
+    from fluxfill.train import _own_run
+
+    raw = own_experiment(raw_params(latents), "own run")
+    client = mlflow.MlflowClient()
+    experiment = tracking.setup(validate(raw).tracking)
+    for status, then, now, continued in [("RUNNING", 8, 8, True), ("KILLED", 8, 8, True), ("FAILED", 8, 8, True),
+                                         ("FINISHED", 8, 8, False), ("KILLED", 40, 8, False)]:
+        run_id = client.create_run(experiment).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        assert _own_run({"run_id": run_id, "max_steps": then}, now) == (run_id if continued else None), status
+    assert _own_run({"run_id": "0" * 32, "max_steps": 8}, 8) is None
 
 
 def test_finished_config_is_a_no_op_and_code_edits_or_fresh_start_over(latents, workdir, monkeypatch, capsys):
