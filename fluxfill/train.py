@@ -11,10 +11,13 @@ FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_ru
 plots/train.csv (step,loss,fusion_weight,lr).
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
-checkpoints/<config hash>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run restarted
-with the same config resumes from its latest checkpoint and continues the same MLflow run; the data order
-and the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on
-the CPU. Ctrl-C writes a checkpoint before exiting; a non-finite loss stops the run, keeping the last good one.
+checkpoints/<fingerprint>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run resumes only
+a checkpoint it would have written itself (:func:`config_fingerprint`, :func:`resumable`); the data order and
+the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on the
+CPU. It continues the checkpoint's MLflow run only when that run is unfinished and had the same max_steps,
+else it starts a new one; a configuration that finished, with its outputs in place, is not trained again
+(checkpoints/<fingerprint>/finished-<max_steps>.json records them). Ctrl-C writes a checkpoint before exiting;
+a non-finite loss stops the run, keeping the last good one.
 """
 
 from __future__ import annotations
