@@ -30,7 +30,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
-from fluxfill.tracking import read_run_ref
+from fluxfill.tracking import read_run_ref, ui_url
 
 from . import workspace
 from .workspace import StageFailed, StageRun
@@ -148,13 +148,13 @@ def mlflow_ui_url(info: dict[str, Any]) -> str | None:
     uri = info["tracking_uri"]
     if not uri.startswith(("http://", "https://")):
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    return ui_url(uri, info["experiment_id"], info["run_id"])
 
 
 def _mlflow_ui_hint(info: dict[str, Any]) -> str:
     """How to see a run kept in a local database (sqlite, files): there is no URL until ``mlflow ui`` runs."""
     return (f"`mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1`, then open "
-            f"http://127.0.0.1:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}")
+            + ui_url("http://127.0.0.1:5000", info["experiment_id"], info["run_id"]))
 
 
 def summary_markdown(

@@ -40,6 +40,7 @@ from .config import FluxfillError, Params
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
 from .models import DTYPES, best_device, load_component, resolve_dtype
 from .panels import Panels, panels_from_triptych
+from .safety import check_outputs
 
 log = logging.getLogger(__name__)
 PHASES = ("text", "vae", "vision")
@@ -259,7 +260,8 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
         tmp.write_text(meta_text)
         os.replace(tmp, out / META)
     expected = {META, GEOMETRY} | {sh.name(ph) for sh in shards for ph in PHASES}
-    for stale in sorted(p for p in out.glob("*.safetensors") if p.name not in expected):
+    own = [p for p in out.glob("*-?????.safetensors") if p.name.split("-")[0] in PHASES]  # shards, not others
+    for stale in sorted(p for p in own if p.name not in expected):
         stale.unlink()
     return {"written": written, "kept": kept, "output": str(out), "complete": True}
 
@@ -349,6 +351,7 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "encode")
     result = encode(params, device=args.device)
     print(f"encode: {len(result['written'])} shard file(s) written, {len(result['kept'])} up to date -> {result['output']}")
     return 0

@@ -60,6 +60,7 @@ from .latents import encode_prompts, encode_references
 from .models import best_device, load_component, load_pipeline, resolve_dtype
 from .objective import fused_pooled
 from .panels import Panels
+from .safety import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "evaluate")
     result = evaluate(params, device=args.device)
     m = result["metrics"]
     print(f"evaluate: {m['num_samples']} val samples | trained psnr {m['psnr']:.2f} dB ssim {m['ssim']:.4f} | "

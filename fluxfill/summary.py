@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .artifacts import EVAL_METRICS, EVAL_SAMPLES, TRAIN_METRICS, damaged
 from .config import Params
-from .tracking import read_run_ref, sqlite_path
+from .tracking import read_run_ref, sqlite_path, ui_url
 
 
 def _metrics(path: Path, stage: str) -> dict:
@@ -32,8 +32,8 @@ def summary_lines(params: Params) -> list[str]:
     if ref:
         uri = ref["tracking_uri"]
         db = sqlite_path(uri)
-        ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then http://127.0.0.1:5000" if db
-              else f"{uri.rstrip('/')}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}")
+        page = ui_url("http://127.0.0.1:5000" if db else uri, ref["experiment_id"], ref["run_id"])
+        ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then {page}" if db else page
         lines += [f"MLflow run   {ref['run_id']} (experiment {params.tracking.experiment!r} at {uri})",
                   f"open it      {ui}",
                   "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,12 @@ DB_FILE = "mlflow.db"
 RUN_REF_FORMAT = 1  # the version of the run reference's layout
 ARTIFACTS_DIR = "mlartifacts"
 REACH_TIMEOUT_S = 5.0
+# The experiment tag the MLflow UI has read (3.x) to open an experiment in its model-training view rather than
+# the GenAI one. MLflow 3.17's UI decides by a workflow switch instead (default GenAI, kept in the browser), which
+# the ``workflowType`` query parameter of :func:`ui_url` sets.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"
+NAME_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -163,7 +170,8 @@ def setup(cfg: TrackingConfig) -> str:
             folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.experiment)
             location = (db.parent / ARTIFACTS_DIR / folder).as_uri()
         try:
-            return client.create_experiment(cfg.experiment, artifact_location=location)
+            return client.create_experiment(cfg.experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -174,7 +182,34 @@ def setup(cfg: TrackingConfig) -> str:
             f"with `mlflow experiments restore --experiment-id {exp.experiment_id}` or set tracking.experiment "
             "to another name"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version; a kind someone chose stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of a run (or an experiment) at ``base``, in the model-training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{page}?{UI_WORKFLOW}"
+
+
+def default_run_name(params: Params, *parts: str) -> str:
+    """``tiny-pooled-<parts>-k7q2``: preset, fusion mode, ``parts`` (training passes its steps and fingerprint)
+    and 4 random characters, drawn until no run of the experiment has the name (call :func:`setup` first).
+
+    The characters come from the OS (``secrets``), not from Python's ``random``, which training seeds: MLflow's
+    own generated names come from ``random`` and so repeated run after run.
+    """
+    import secrets
+
+    stem = "-".join([params.model.preset, params.fusion.mode, *parts])
+    exp = mlflow.MlflowClient().get_experiment_by_name(params.tracking.experiment)
+    for _ in range(20):
+        name = f"{stem}-{''.join(secrets.choice(NAME_ALPHABET) for _ in range(4))}"
+        if exp is None or not mlflow.MlflowClient().search_runs(
+                [exp.experiment_id], filter_string=f"attributes.run_name = '{name}'", max_results=1):
+            return name
+    raise FluxfillError(f"no unused run name {stem}-xxxx after 20 draws in experiment {params.tracking.experiment!r}")
 
 
 def _git(*args: str) -> str | None:
@@ -245,8 +280,8 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Start an MLflow run in ``params.tracking.experiment``, or resume ``run_id`` (or ``$MLFLOW_RUN_ID``).
 
-    A fresh run gets :func:`run_tags` (``tags`` added on top), the name ``run_name`` or
-    ``params.tracking.run_name`` (None: MLflow picks one) and every setting of ``params`` as a
+    A fresh run gets :func:`run_tags` (``tags`` added on top), the name ``run_name``, else
+    ``params.tracking.run_name``, else :func:`default_run_name` (never MLflow's) and every setting of ``params`` as a
     flattened param (``train.lora.rank``). A resumed run gets only the params and tags it lacks;
     params whose value changed are reported in a warning (MLflow params cannot change). The run
     ends FINISHED, KILLED on Ctrl-C, FAILED when the block raises anything else.
@@ -255,7 +290,8 @@ def start_run(
     run_id = run_id or MLFLOW_RUN_ID.get()
     all_tags = {**run_tags(params), **(tags or {})}
     if run_id is None:
-        how = {"experiment_id": experiment_id, "run_name": run_name or params.tracking.run_name, "tags": all_tags}
+        name = run_name or params.tracking.run_name or default_run_name(params)
+        how = {"experiment_id": experiment_id, "run_name": name, "tags": all_tags}
     elif find_run(run_id) is None:
         raise FluxfillError(
             f"MLflow run {run_id} does not exist at {mlflow.get_tracking_uri()}; was it logged to another "
@@ -281,6 +317,21 @@ def start_run(
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # MLflow would mark it FAILED
             raise
+
+
+def log_history(rows: list[dict[str, Any]]) -> None:
+    """Log per-step rows ``{"step": 3, "loss": ..., ...}`` (a checkpoint's history) to the active run at once."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
+               if k != "step" and v is not None]
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
+def end_run_unfinished() -> None:
+    """End the active run as KILLED: stopped before its last step, to be continued by the next start."""
+    mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
 
 
 def find_run(run_id: str) -> Run | None:

@@ -12,10 +12,13 @@ fusion weight, steps), plots/train.csv (step,loss,fusion_weight,lr: one row per 
 Timings and memory go to MLflow and to .fluxfill/train_timing.json; the MLflow run to .fluxfill/runs/ (not outs).
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
-checkpoints/<config hash>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run restarted
-with the same config resumes from its latest checkpoint and continues the same MLflow run; the data order
-and the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on
-the CPU. Ctrl-C writes a checkpoint before exiting; a non-finite loss stops the run, keeping the last good one.
+checkpoints/<fingerprint>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run resumes only
+a checkpoint it would have written itself (:func:`config_fingerprint`, :func:`resumable`); the data order and
+the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on the
+CPU. It continues the checkpoint's MLflow run only when that run is unfinished and had the same max_steps,
+else it starts a new one; a configuration that finished, with its outputs in place, is not trained again
+(checkpoints/<fingerprint>/finished-<max_steps>.json records them). Ctrl-C writes a checkpoint before exiting;
+a non-finite loss stops the run, keeping the last good one.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import tracking
+from . import safety, sources, tracking
 from .artifacts import (
     CHECKPOINT_LORA,
     CHECKPOINT_STATE,
@@ -58,21 +61,36 @@ from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
 
 log = logging.getLogger(__name__)
-# settings that do not change the trained weights (so a restart with new values still resumes)
-_NOT_IN_FINGERPRINT = {"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
-                       "keep_checkpoints", "num_workers"}
+# train.* settings that do not change the trained weights, left out of the checkpoint fingerprint (a restart with
+# new values still resumes); a new setting of that kind goes here
+NOT_IN_FINGERPRINT = frozenset({"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
+                                "keep_checkpoints", "num_workers"})
+UNFINISHED = {"RUNNING", "KILLED", "FAILED"}  # MLflow run states a resumed run may continue
 
 
 class NonFiniteLoss(FluxfillError):
     pass
 
 
-def config_fingerprint(params: Params, cache_meta: dict) -> str:
-    train = {k: v for k, v in params.train.model_dump().items() if k not in _NOT_IN_FINGERPRINT}
-    if params.train.lr_scheduler == "constant" and params.train.warmup_steps == 0:
-        train.pop("max_steps")  # a constant schedule does not depend on the run length: extending resumes
+def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code: str | None = None) -> str:
+    """What the weights at each step are a function of; checkpoints live in ``<checkpoint_dir>/<fingerprint>``.
+
+    - every model, fusion and train setting except :data:`NOT_IN_FINGERPRINT`;
+    - the latent cache (its whole ``meta.json``: settings, code version, manifest hash, samples);
+    - the code: :func:`fluxfill.sources.module_digest` of this module, i.e. every fluxfill file training imports;
+    - the device kind, which resolves the ``auto`` settings (precision, compile).
+
+    ``train.max_steps`` is left out only with the constant schedule (with or without warm-up): its learning
+    rate at step s does not depend on the run length, so the weights at step s are the same for every
+    max_steps >= s, and a checkpoint at step s is exactly what a run of any max_steps >= s would have written
+    (:func:`resumable` checks the step). A decaying schedule (linear, cosine) sets the learning rate of every
+    step from max_steps, so there max_steps is part of the fingerprint.
+    """
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_IN_FINGERPRINT}
+    if params.train.lr_scheduler == "constant":
+        train.pop("max_steps")
     blob = {"model": params.model.model_dump(), "fusion": params.fusion.model_dump(), "train": train,
-            "cache": {k: cache_meta.get(k) for k in ("manifest_sha256", "code_version", "preset", "panel_size")}}
+            "cache": cache_meta, "code": code or sources.module_digest("train"), "device": device_type}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -139,20 +157,84 @@ class TrainResult:
     samples_per_s: float
     run_id: str | None
     resumed_from: int
+    skipped: bool = False  # nothing ran: this configuration had finished and its outputs were in place
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    return sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+    return sorted(root.glob("checkpoint-*"), key=_step) if root.exists() else []
 
 
-def train(params: Params, stop_after: int | None = None) -> TrainResult:
-    """Run (or resume) training as configured; ``stop_after`` ends early after that many steps (tests)."""
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def resumable(ckpt_root: Path, max_steps: int) -> Path | None:
+    """The latest checkpoint of this fingerprint at a step <= ``max_steps``: the weights this run would have there.
+
+    A checkpoint past ``max_steps`` belongs to a longer run of the same trajectory (constant schedule) and is
+    kept for it.
+    """
+    usable = [c for c in _checkpoints(ckpt_root) if _step(c) <= max_steps]
+    return usable[-1] if usable else None
+
+
+def remove_checkpoints(ckpt_root: Path) -> list[Path]:
+    """``--fresh``: delete this fingerprint's checkpoints and finished records, nothing else; returns them."""
+    gone = [*_checkpoints(ckpt_root), *ckpt_root.glob(".tmp-checkpoint-*"), *ckpt_root.glob("finished-*.json")]
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with contextlib.suppress(OSError):
+        ckpt_root.rmdir()  # only when nothing else is left in it
+    return gone
+
+
+def _output_files(params: Params) -> list[Path]:
+    """Every file a finished run writes, in the order the finished record lists them."""
+    out = Path(params.train.output)
+    lora = sorted(f for f in (out / LORA_DIR).rglob("*") if f.is_file()) if (out / LORA_DIR).is_dir() else []
+    return [*lora, out / FUSION_FILE, Path(TRAIN_METRICS), Path(TRAIN_PLOT)]
+
+
+def _digests(files: list[Path]) -> dict[str, str] | None:
+    if not all(f.is_file() for f in files):
+        return None
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _finished_record(ckpt_root: Path, max_steps: int) -> Path:
+    return ckpt_root / f"finished-{max_steps:06d}.json"
+
+
+def already_trained(params: Params, ckpt_root: Path) -> TrainResult | None:
+    """The result of the finished run of this configuration when its outputs are still in place, byte for byte."""
+    record_file = _finished_record(ckpt_root, params.train.max_steps)
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        outputs, result = record["outputs"], record["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _digests(_output_files(params)) != outputs:
+        return None
+    return TrainResult(**{**result, "skipped": True})
+
+
+def _own_run(state: dict, max_steps: int) -> str | None:
+    """The checkpoint's MLflow run, if this run may continue it: same max_steps and not FINISHED (or gone)."""
+    run = tracking.find_run(state["run_id"]) if state.get("run_id") else None
+    if run is None or state.get("max_steps") != max_steps or run.info.status not in UNFINISHED:
+        return None
+    return run.info.run_id
+
+
+def train(params: Params, stop_after: int | None = None, fresh: bool = False) -> TrainResult:
+    """Run (or resume) training as configured; ``stop_after`` ends early after that many steps (tests).
+
+    ``fresh`` deletes this configuration's checkpoints first. When this configuration finished before and its
+    outputs are unchanged, nothing runs: the result says ``skipped``.
+    """
     from accelerate.utils import set_seed
-    from diffusers import FluxFillPipeline
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
 
     from accelerate import Accelerator
 
@@ -165,10 +247,70 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=t.gradient_accumulation_steps)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(t.seed)
-    ckpt_root = Path(t.checkpoint_dir) / config_fingerprint(params, cache.meta)
+    fingerprint = config_fingerprint(params, cache.meta, device.type)
+    ckpt_root = Path(t.checkpoint_dir) / fingerprint
+    if main:  # fail fast on an unreachable tracking server, before anything is deleted or loaded
+        tracking.setup(params.tracking)
+    if fresh and main:
+        for gone in remove_checkpoints(ckpt_root):
+            log.info("--fresh: removed %s", gone)
+    accelerator.wait_for_everyone()
+    if (done := already_trained(params, ckpt_root)) is not None:
+        return done
 
-    if main:  # fail fast on an unreachable tracking server, before any model is loaded
-        tracking.check_reachable(tracking.tracking_uri(params.tracking))
+    transformer, fusion, optimizer, scheduler = _build(params, accelerator, cache, mixed)
+    start, history, run_id, resumed_run = 0, [], None, None
+    if ckpt := resumable(ckpt_root, t.max_steps):
+        state = _load_checkpoint(accelerator, ckpt)
+        start, history, resumed_run = state["step"], state["history"], state.get("run_id")
+        run_id = _own_run(state, t.max_steps) if main else None
+        log.info("resuming from %s (step %d) %s", ckpt, start,
+                 f"in MLflow run {run_id}" if run_id else f"in a new MLflow run (run {resumed_run} is finished or "
+                 "was started with another train.max_steps)")
+
+    accum = t.gradient_accumulation_steps
+    sampler = StepSampler(len(cache), t.batch_size, t.seed + accelerator.process_index,
+                          start=start * accum, total=t.max_steps * accum)
+    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=cache.collate,
+                                         num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=t.num_workers > 0)
+
+    tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed,
+            "fluxfill.fingerprint": fingerprint}
+    if start and run_id is None:
+        tags |= {"fluxfill.resumed_from_step": str(start), "fluxfill.resumed_from_run": str(resumed_run)}
+    new_run = main and run_id is None
+    name = params.tracking.run_name or (
+        tracking.default_run_name(params, f"{t.max_steps}steps", fingerprint[:6]) if new_run else None)
+    run_ctx = tracking.start_run(params, run_name=name, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
+    with run_ctx as run:
+        run_id = run.info.run_id if run else None
+        if new_run and history:  # a new run from a checkpoint: the steps before it, so its curves are whole
+            tracking.log_history(history)
+        result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
+                       start, run_id, history, stop_after)
+        if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
+            if main:
+                tracking.end_run_unfinished()
+            return result
+        accelerator.wait_for_everyone()
+        if main:
+            _write_outputs(params, accelerator, transformer, fusion, run, history, result)
+            record = {"outputs": _digests(_output_files(params)), "result": asdict(result)}
+            _finished_record(ckpt_root, t.max_steps).parent.mkdir(parents=True, exist_ok=True)
+            _finished_record(ckpt_root, t.max_steps).write_text(json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
+    """The transformer with LoRA, the fusion module, optimizer and schedule, prepared by accelerate, with the
+    checkpoint hooks that save only the trainable weights."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    t, device = params.train, accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
     if params.model.dtype != "auto":
         weight_dtype = resolve_dtype(params.model.dtype, device)
@@ -214,49 +356,33 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+    return transformer, fusion, optimizer, scheduler
 
-    start, run_id, history = 0, None, []
-    if ckpt := (_checkpoints(ckpt_root) or [None])[-1]:
-        start, run_id, history = _load_checkpoint(accelerator, ckpt)
-        log.info("resuming from %s (step %d, MLflow run %s)", ckpt, start, run_id)
 
-    accum = t.gradient_accumulation_steps
-    sampler = StepSampler(len(cache), t.batch_size, t.seed + accelerator.process_index,
-                          start=start * accum, total=t.max_steps * accum)
-    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=cache.collate,
-                                         num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=t.num_workers > 0)
+def _write_outputs(params: Params, accelerator, transformer, fusion, run, history, result: TrainResult) -> None:
+    """LoRA, fusion, run reference, metrics and plot of a finished run; only these files are replaced."""
+    import mlflow
+    from diffusers import FluxFillPipeline
+    from peft.utils import get_peft_model_state_dict
 
-    tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed}
-    run_ctx = tracking.start_run(params, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
-    with run_ctx as run:
-        run_id = run.info.run_id if run else None
-        result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after)
-        if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
-            return result
-        accelerator.wait_for_everyone()
-        if main:
-            import mlflow
-
-            unwrapped = accelerator.unwrap_model(transformer)
-            fusion_module = accelerator.unwrap_model(fusion)
-            out_dir = Path(t.output)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            out_dir.mkdir(parents=True)
-            # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
-            FluxFillPipeline.save_lora_weights(
-                out_dir / LORA_DIR, safe_serialization=True,
-                transformer_lora_layers=get_peft_model_state_dict(unwrapped),
-                transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
-            canonical_safetensors_header(lora_weights(out_dir))
-            fusion_module.save(out_dir / FUSION_FILE)
-            tracking.write_run_ref(run, out_dir)
-            _write_metrics(history, result)
-            _write_timing(result, device)
-            _log_samples(params, unwrapped, fusion_module, result.steps)
-            mlflow.log_artifacts(str(out_dir), "model")
-    return result
+    unwrapped = accelerator.unwrap_model(transformer)
+    fusion_module = accelerator.unwrap_model(fusion)
+    out_dir = Path(params.train.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
+        shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
+    # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
+    FluxFillPipeline.save_lora_weights(
+        out_dir / LORA_DIR, safe_serialization=True,
+        transformer_lora_layers=get_peft_model_state_dict(unwrapped),
+        transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
+    canonical_safetensors_header(lora_weights(out_dir))
+    fusion_module.save(out_dir / FUSION_FILE)
+    tracking.write_run_ref(run, out_dir)
+    _write_metrics(history, result)
+    _write_timing(result, accelerator.device)
+    _log_samples(params, unwrapped, fusion_module, result.steps)
+    mlflow.log_artifacts(str(out_dir), "model")
 
 
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
@@ -278,11 +404,13 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
         tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.save_state(str(tmp))
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "run_id": run_id, "history": history}))
+        state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
         final = ckpt_root / f"checkpoint-{step:06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in _checkpoints(ckpt_root)[:-t.keep_checkpoints]:
+        # keep the newest ones up to this step; later ones belong to a longer run of the same trajectory
+        for old in [c for c in _checkpoints(ckpt_root) if _step(c) <= step][:-t.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     fusion_module = accelerator.unwrap_model(fusion)
@@ -418,8 +546,8 @@ def _write_timing(result: TrainResult, device) -> None:
     Path(TRAIN_TIMING).write_text(json.dumps(timing, indent=2) + "\n")
 
 
-def _load_checkpoint(accelerator, ckpt: Path) -> tuple[int, str | None, list[dict]]:
-    """Restore ``ckpt``; returns (step, MLflow run id, history). A damaged one is refused in one line."""
+def _load_checkpoint(accelerator, ckpt: Path) -> dict:
+    """Restore ``ckpt``; returns its state (step, run_id, max_steps, history). A damaged one is refused in one line."""
     fix = f"delete the checkpoint (`rm -r {ckpt}`) to resume from the one before it, or start over with " \
           "`fluxfill train --fresh`"
     state_file = ckpt / CHECKPOINT_STATE
@@ -431,7 +559,7 @@ def _load_checkpoint(accelerator, ckpt: Path) -> tuple[int, str | None, list[dic
                                   "history expected)", fix=fix)
     with reading(ckpt, what="checkpoint", fix=fix):
         accelerator.load_state(str(ckpt))
-    return state["step"], state["run_id"], state["history"]
+    return state
 
 
 def _log_samples(params: Params, transformer, fusion, step: int) -> None:
@@ -446,17 +574,23 @@ def _log_samples(params: Params, transformer, fusion, step: int) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config and start over")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete this configuration's checkpoints (only those) and train from step 0")
 
 
 def run(params: Params, args) -> int:
-    if args.fresh:
-        shutil.rmtree(Path(params.train.checkpoint_dir), ignore_errors=True)
+    safety.check_outputs(params, "train")
     try:
-        result = train(params)
+        with safety.training_lock():
+            result = train(params, fresh=args.fresh)
     except KeyboardInterrupt:
         print("train: interrupted; a checkpoint was written, run `fluxfill train` again to resume", file=sys.stderr)
         return 130
+    if result.skipped:
+        print(f"train: nothing to do: this configuration already finished {result.steps} steps in MLflow run "
+              f"{result.run_id}, and {params.train.output}/, {TRAIN_METRICS} and {TRAIN_PLOT} still hold its outputs; "
+              "`fluxfill train --fresh` trains it again")
+        return 0
     alpha = "n/a (fusion.mode none)" if result.fusion_weight is None else f"{result.fusion_weight:.4f}"
     print(f"train: {result.steps} steps, loss {result.loss:.4f}, fusion weight {alpha}, "
           f"{result.samples_per_s:.1f} samples/s, MLflow run {result.run_id}"

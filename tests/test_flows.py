@@ -26,8 +26,8 @@ from fluxfill.tracking import read_run_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for the whole chain in seconds per stage on a CPU
-SMALL = {"data.panel_size": 64, "model.max_sequence_length": 32, "encode.shard_size": 8, "train.max_steps": 2,
-         "train.checkpoint_every": 0, "eval.num_inference_steps": 1, "eval.max_samples": 2}
+SMALL = {"data.panel_size": 64, "model.max_sequence_length": 32, "encode.shard_size": 8, "train.max_steps": 3,
+         "train.checkpoint_every": 2, "eval.num_inference_steps": 1, "eval.max_samples": 2}
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_summary_and_mlflow_address():
 
     info = {"run_id": "r1", "run_name": "baseline", "experiment_id": "3", "status": "FINISHED",
             "tracking_uri": "http://mlflow:5000/"}
-    assert mlflow_ui_url(info) == "http://mlflow:5000/#/experiments/3/runs/r1"
+    assert mlflow_ui_url(info) == "http://mlflow:5000/#/experiments/3/runs/r1?workflowType=machine_learning"
     local = {**info, "tracking_uri": "sqlite:////repo/mlflow.db"}
     assert mlflow_ui_url(local) is None
     runs = [StageRun("prepare", "up to date"), StageRun("train", "ran", 12.25, ["changed deps: params.yaml"])]
@@ -153,7 +153,8 @@ def test_summary_and_mlflow_address():
     assert "| prepare | up to date | 0.0 | - |" in md and "| train | ran | 12.2 | changed deps: params.yaml |" in md
     assert "`train.max_steps: 50` (was `60`)" in md
     assert "final loss 0.5123, final α 0.6211" in md and "(metrics/eval.json): psnr 21.5" in md
-    assert "mlflow ui --backend-store-uri sqlite:////repo/mlflow.db" in md and "#/experiments/3/runs/r1" in md
+    assert "mlflow ui --backend-store-uri sqlite:////repo/mlflow.db" in md
+    assert "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning" in md
     baseline = {"metrics/train.json": {"stage": "train", "values": {"loss": 0.5, "fusion_weight": None}}}
     assert "final α none (fusion.mode none)" in summary_markdown(runs, {}, baseline, None, [], failure="boom")
     assert summary_markdown(runs, {}, {}, None, [], failure="boom").startswith("# train-diptych: failed")
@@ -311,7 +312,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
 
         # the overrides are in params.yaml and dvc.lock; `dvc repro` has nothing left to do
         params = load_params(repo / "params.yaml")
-        assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (2, 0.3, "ci-served")
+        assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (3, 0.3, "ci-served")
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
                                 capture_output=True, text=True, check=True)
         assert json.loads(status.stdout) == {}
@@ -326,10 +327,10 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"
-        assert mlrun.data.params["train.max_steps"] == "2" and mlrun.data.params["fusion.init"] == "0.3"
+        assert mlrun.data.params["train.max_steps"] == "3" and mlrun.data.params["fusion.init"] == "0.3"
         assert json.loads(mlrun.data.tags["fluxfill.overrides"])["fusion.init"] == 0.3
         history = client.get_metric_history(ref["run_id"], "fusion_weight")
-        assert [m.step for m in history] == [1, 2] or len(history) == 2
+        assert [m.step for m in history] == [1, 2, 3]
         assert all(0 < m.value < 1 for m in history)
 
         # the Prefect artifacts of the flow run
@@ -363,7 +364,27 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
             summary = _artifacts(again.id)["train-diptych-summary"].data
             for stage in ("prepare", "encode", "train", "evaluate"):
                 assert f"| {stage} | up to date |" in summary
-        assert len(client.search_runs([ref["experiment_id"]])) == 1
+            assert len(client.search_runs([ref["experiment_id"]])) == 1
+
+            # fewer steps than the checkpoint the first run left (step 2): a new run of exactly 1 step, from step 0
+            shorter = run_deployment("train-diptych/local", timeout=300, parameters={
+                "overrides": {**overrides, "train.max_steps": 1, "tracking.run_name": None}})
+            assert shorter.state.is_completed(), shorter.state
+            summary = _artifacts(shorter.id)["train-diptych-summary"].data
+            assert "| encode | up to date |" in summary and "| train | ran |" in summary
+        assert list((repo / "checkpoints").glob("*/checkpoint-000002"))
+        train_metrics = json.loads((repo / "metrics/train.json").read_text())
+        assert train_metrics["steps"] == 1 and 0 < train_metrics["loss"] < 10
+        new_ref = read_run_ref(repo / "models", repo)
+        assert new_ref["run_id"] != ref["run_id"] and len(client.search_runs([ref["experiment_id"]])) == 2
+        new_run = client.get_run(new_ref["run_id"])
+        assert new_run.info.status == "FINISHED" and new_run.data.params["train.max_steps"] == "1"
+        assert new_run.info.run_name.startswith("tiny-pooled-1steps-")
+        assert [m.step for m in client.get_metric_history(new_ref["run_id"], "loss")] == [1]
+        assert [m.step for m in client.get_metric_history(ref["run_id"], "loss")] == [1, 2, 3]  # not appended to
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
+                                capture_output=True, text=True, check=True)
+        assert json.loads(status.stdout) == {}
     finally:
         _stop(serve)
         _stop(server)
