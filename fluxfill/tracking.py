@@ -45,6 +45,7 @@ from mlflow.environment_variables import MLFLOW_RUN_ID, MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import __version__
@@ -59,6 +60,9 @@ DB_FILE = "mlflow.db"
 RUN_REF_FILE = "mlflow_run.json"  # in train.output: the run that training logged, for evaluation to resume
 ARTIFACTS_DIR = "mlartifacts"
 REACH_TIMEOUT_S = 5.0
+PARENT_RUN_ENV = "FLUXFILL_PARENT_RUN_ID"  # set by `fluxfill sweep`: a new run becomes a child of this run
+SWEEP_POINT_ENV = "FLUXFILL_SWEEP_POINT"  # set by `fluxfill sweep`: the point's overrides (JSON), as a tag
+OUTPUTS_TAG = "fluxfill.models_md5"  # the DVC hash of the models/ a training run wrote (finds a restored run's producer)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -211,9 +215,14 @@ def run_tags(params: Params) -> dict[str, str]:
     """Tags linking a run to the code (git, in the cwd) and the data (``dvc.lock`` in the cwd).
 
     ``git.commit``, ``git.dirty`` (tracked files modified), ``dvc.data.prepared``, ``dvc.data.latents``,
-    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out.
+    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out. Under
+    ``fluxfill sweep`` also ``mlflow.parentRunId`` and ``fluxfill.sweep.point`` (from the environment).
     """
     tags = {"preset": params.model.preset, "device": _device(), "fluxfill.version": __version__}
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    if point := os.environ.get(SWEEP_POINT_ENV):
+        tags["fluxfill.sweep.point"] = point
     if commit := _git("rev-parse", "HEAD"):
         tags["git.commit"] = commit
         status = _git("status", "--porcelain", "--untracked-files=no")
@@ -275,6 +284,15 @@ def start_run(
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # MLflow would mark it FAILED
             raise
+
+
+def tag_outputs(out_dir: str | os.PathLike) -> str:
+    """Tag the active run with the DVC hash of ``out_dir`` (what ``dvc.lock`` will record); returns the hash."""
+    from .data import dvc_md5
+
+    md5 = dvc_md5(Path(out_dir))
+    mlflow.set_tag(OUTPUTS_TAG, md5)
+    return md5
 
 
 def find_run(run_id: str) -> Run | None:

@@ -8,7 +8,9 @@ accumulation, clipping, warm-up + schedule, optional gradient checkpointing, mul
 
 Outputs (DVC outs): models/lora/pytorch_lora_weights.safetensors (diffusers format, loads with
 FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_run.json, metrics/train.json,
-plots/train.csv (step,loss,fusion_weight,lr).
+plots/train.csv (step,loss,fusion_weight,fusion_cos,fusion_ref_norm,val_loss,lr).
+
+The held-out val_loss (fluxfill.validation) is logged at step 0, every train.val_every steps and at the end.
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
 checkpoints/<config hash>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run restarted
@@ -38,13 +40,15 @@ from tqdm.auto import tqdm
 from . import tracking
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
-from .fusion import SemanticFusion
+from .fusion import SemanticFusion, build_fusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
+from .validation import validation_loss
 
 log = logging.getLogger(__name__)
 LORA_DIR, FUSION_FILE, RUN_REF = "lora", "fusion.safetensors", "mlflow_run.json"
 METRICS_FILE, PLOT_FILE = Path("metrics/train.json"), Path("plots/train.csv")
+PLOT_COLUMNS = ("step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr")
 # settings that do not change the trained weights (so a restart with new values still resumes)
 _NOT_IN_FINGERPRINT = {"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
                        "keep_checkpoints", "num_workers"}
@@ -98,11 +102,15 @@ def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Gener
 
 
 def _optimizer(params: Params, transformer, fusion, device):
+    """Groups: LoRA (train.learning_rate), W and θ (train.fusion_learning_rate); θ alone, without weight decay."""
     t = params.train
-    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": t.learning_rate}]
-    fusion_params = [p for p in fusion.parameters() if p.requires_grad]
-    if fusion_params:
-        groups.append({"params": fusion_params, "lr": t.fusion_learning_rate or t.learning_rate})
+    fusion_lr = t.fusion_learning_rate or t.learning_rate
+    groups = [{"name": "lora", "params": [p for p in transformer.parameters() if p.requires_grad],
+               "lr": t.learning_rate, "weight_decay": t.weight_decay}]
+    for name, p in fusion.named_parameters():
+        if p.requires_grad:  # decay would pull θ toward α = 0.5
+            decay = 0.0 if name == "theta" else t.weight_decay
+            groups.append({"name": f"fusion.{name}", "params": [p], "lr": fusion_lr, "weight_decay": decay})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=device.type == "cuda")
     if t.optimizer == "adamw8bit":
@@ -169,8 +177,8 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
     if t.gradient_checkpointing is True or (t.gradient_checkpointing == "auto" and on_cuda):
         transformer.enable_gradient_checkpointing()
     item = cache[0]
-    fusion = SemanticFusion.from_config(params.fusion, item["pooled_prompt_embeds"].shape[-1],
-                                        item["image_embeds"].shape[-1]).to(device)
+    fusion = build_fusion(params, item["pooled_prompt_embeds"].shape[-1], item["image_embeds"].shape[-1]).to(device)
+    val_cache = _val_cache(params)
     transformer.train()
     optimizer = _optimizer(params, transformer, fusion, device)
     scheduler = get_scheduler("constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler, optimizer,
@@ -220,8 +228,12 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
     run_ctx = tracking.start_run(params, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
     with run_ctx as run:
         run_id = run.info.run_id if run else None
+        if run:
+            import mlflow
+
+            mlflow.log_param("fusion.init_method", accelerator.unwrap_model(fusion).init_method)
         result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after)
+                       start, run_id, history, stop_after, val_cache)
         if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
             return result
         accelerator.wait_for_everyone()
@@ -243,11 +255,40 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             _write_metrics(history, result, device)
             _log_samples(params, unwrapped, fusion_module, result.steps)
             mlflow.log_artifacts(str(out_dir), "model")
+            tracking.tag_outputs(out_dir)
     return result
 
 
+def _val_cache(params: Params) -> LatentCache | None:
+    """The cache's val split, or None (val_loss off, or no val samples: a warning says so)."""
+    if not params.train.val_every:
+        return None
+    try:
+        return LatentCache(params.encode.output, "val")
+    except FluxfillError as e:
+        log.warning("no val_loss: %s (set data.val_fraction > 0 and re-run prepare and encode)", e)
+        return None
+
+
+def _validate(params: Params, accelerator, transformer, fusion, val_cache, step: int, history: list) -> None:
+    """val_loss at ``step`` on every process (identical work: sharded models need every rank); logged by rank 0."""
+    t = params.train
+    with accelerator.autocast():
+        value = validation_loss(transformer, fusion, val_cache, seed=t.seed, num_sigmas=t.val_sigmas,
+                                loss_region=t.loss_region, batch_size=t.batch_size, device=accelerator.device)
+    row = next((r for r in history if r["step"] == step), None)
+    if row is None:
+        history.append(row := {"step": step})
+        history.sort(key=lambda r: r["step"])
+    row["val_loss"] = value
+    if accelerator.is_main_process:
+        import mlflow
+
+        mlflow.log_metric("val_loss", value, step=step, synchronous=False)
+
+
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
-          history, stop_after) -> TrainResult:
+          history, stop_after, val_cache=None) -> TrainResult:
     import mlflow
 
     t = params.train
@@ -274,6 +315,13 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
+
+    def validate(at: int) -> None:
+        if val_cache is not None:
+            _validate(params, accelerator, transformer, fusion, val_cache, at, history)
+
+    if start == 0:
+        validate(0)
     try:
         for batch in loader:
             if step >= end:
@@ -308,14 +356,15 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 window_t, window_samples = now, 0
                 alpha = _alpha(fusion_module)
                 row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": samples_per_s}
-                if alpha is not None:
-                    row["fusion_weight"] = alpha
+                       "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
+                       **fusion_module.stats(batch["pooled_prompt_embeds"], batch.get("image_embeds"))}
                 history.append(row)
                 if main:
                     mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step, synchronous=False)
                     bar.set_postfix(loss=f"{loss:.4f}", alpha="-" if alpha is None else f"{alpha:.4f}",
                                     sps=f"{samples_per_s:.1f}")
+            if t.val_every and (step % t.val_every == 0 or step == t.max_steps):
+                validate(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
             if main and t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
@@ -346,14 +395,16 @@ def _peak_memory_mb(device) -> float:
 def _write_metrics(history, result: TrainResult, device) -> None:
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     PLOT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    vals = [r["val_loss"] for r in history if "val_loss" in r]
     metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps,
+               "val_loss": vals[-1] if vals else None, "val_loss_start": vals[0] if vals else None,
                "samples_per_s": round(result.samples_per_s, 3),
                "peak_memory_mb": round(_peak_memory_mb(device), 1)}
     METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
-    lines = ["step,loss,fusion_weight,lr"]
-    for r in history:
-        fw = "" if r.get("fusion_weight") is None else f"{r['fusion_weight']:.6f}"
-        lines.append(f"{r['step']},{r['loss']:.6f},{fw},{r['lr']:.6g}")
+    lines = [",".join(PLOT_COLUMNS)]
+    for r in history:  # a blank cell: not measured at this step (val_loss, or fusion with mode none)
+        lines.append(",".join("" if r.get(c) is None else str(r[c]) if c == "step" else f"{r[c]:.6g}"
+                              for c in PLOT_COLUMNS))
     PLOT_FILE.write_text("\n".join(lines) + "\n")
 
 

@@ -60,7 +60,7 @@ def test_one_row_per_run_with_only_differing_params(store):
     table = compare_runs(TrackingConfig(tracking_uri=store, experiment="cmp"))
     assert table["run"].tolist() == ["fused-lr", "fused", "base"]  # newest first
     assert param_columns(table) == ["fusion.mode", "train.learning_rate"]
-    assert table["fusion.mode"].tolist() == ["pooled", "pooled", "none"]
+    assert table["fusion.mode"].tolist() == ["learned", "learned", "none"]
     assert table["train.learning_rate"].tolist() == ["0.0005", "0.001", "0.001"]
     assert table["loss"].tolist() == [0.35, 0.4, 0.6]  # the value at the last step
     assert table["fusion_weight"].tolist()[:2] == [0.55, 0.6211] and math.isnan(table["fusion_weight"][2])

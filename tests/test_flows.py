@@ -119,7 +119,7 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     assert params.read_text() == original
 
     changed = workspace.write_params(params, {"train.max_steps": 7, "fusion.mode": "none", "tracking.run_name": "a: b"})
-    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("pooled", "none"),
+    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("learned", "none"),
                        "tracking.run_name": (None, "a: b")}
     p = load_params(params)
     assert (p.train.max_steps, p.fusion.mode, p.tracking.run_name) == (7, "none", "a: b")
@@ -129,14 +129,14 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     before, after = original.splitlines(), params.read_text().splitlines()
     assert len(before) == len(after)
     diff = {b: a for b, a in zip(before, after, strict=True) if a != b}
-    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (baseline, no reference) | pooled",
+    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)",
                                   "  run_name: 'a: b'"}
 
     # a list goes through ruamel's round trip: comments and `null` kept, the value replaced
     workspace.write_params(params, {"train.lora.target_modules": ["x_embedder", "attn.to_q"]})
     text = params.read_text()
     assert load_params(params).train.lora.target_modules == ["x_embedder", "attn.to_q"]
-    assert "  mode: none                # none (baseline, no reference) | pooled" in text
+    assert "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)" in text
     assert "  tracking_uri: null        # null: $MLFLOW_TRACKING_URI" in text
     assert text.splitlines()[0].startswith("# Every knob of the pipeline")
     assert yaml.safe_load(text)["data"] == yaml.safe_load(original)["data"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
+from fluxfill.data import data_version
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.train import NonFiniteLoss, train
@@ -59,15 +61,21 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_outputs_metrics_and_mlflow(latents, workdir):
-    params = validate(raw_params(latents, max_steps=24, log_every=2))
+    params = validate(raw_params(latents, max_steps=24, log_every=2, val_every=10))
     result = train(params)
     assert result.steps == 24 and 0 < result.fusion_weight < 1 and abs(result.fusion_weight - 0.1) > 1e-3
     metrics = json.loads(Path("metrics/train.json").read_text())
     assert metrics["steps"] == 24 and metrics["fusion_weight"] == pytest.approx(result.fusion_weight)
     assert metrics["samples_per_s"] > 0 and metrics["peak_memory_mb"] > 0
-    rows = Path("plots/train.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,fusion_weight,lr" and len(rows) == 1 + 12
-    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    table = list(csv.DictReader(Path("plots/train.csv").open()))
+    assert list(table[0]) == ["step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr"]
+    assert [int(r["step"]) for r in table] == [0, *range(2, 25, 2)]  # step 0: val_loss before training
+    vals = {int(r["step"]): float(r["val_loss"]) for r in table if r["val_loss"]}
+    assert sorted(vals) == [0, 10, 20, 24]
+    assert metrics["val_loss"] == pytest.approx(vals[24], rel=1e-5) and metrics["val_loss_start"] == pytest.approx(vals[0], rel=1e-5)
+    assert table[0]["loss"] == "" and all(-1 <= float(r["fusion_cos"]) <= 1 and float(r["fusion_ref_norm"]) > 0
+                                          for r in table[1:])
+    losses = [float(r["loss"]) for r in table[1:]]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
     ref = json.loads(Path("models/mlflow_run.json").read_text())
     assert ref["run_id"] == result.run_id
@@ -79,6 +87,12 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == list(range(2, 25, 2))
     alphas = client.get_metric_history(result.run_id, "fusion_weight")
     assert len(alphas) == 12 and alphas[-1].value == pytest.approx(result.fusion_weight)
+    for name in ("fusion_cos", "fusion_ref_norm"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == list(range(2, 25, 2))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "val_loss"))
+    assert [s for s, _ in history] == [0, 10, 20, 24] and history[-1][1] == pytest.approx(vals[24], rel=1e-5)
+    assert run.data.params["fusion.init_method"] == "orthogonal"  # the tiny towers carry no text projection
+    assert run.data.tags["fluxfill.models_md5"] == data_version("models")  # what DVC records for the output
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
 
@@ -170,10 +184,12 @@ def test_fusion_mode_none_trains_without_alpha(latents, workdir):
     assert result.fusion_weight is None
     assert SemanticFusion.load("models/fusion.safetensors").mode == "none"
     assert json.loads(Path("metrics/train.json").read_text())["fusion_weight"] is None
-    assert Path("plots/train.csv").read_text().splitlines()[1].split(",")[2] == ""
+    rows = list(csv.DictReader(Path("plots/train.csv").open()))
+    assert all(r["fusion_weight"] == r["fusion_cos"] == "" for r in rows) and rows[-1]["val_loss"]
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
     client = mlflow.MlflowClient()
     assert client.get_metric_history(result.run_id, "fusion_weight") == []
+    assert client.get_metric_history(result.run_id, "fusion_cos") == []
     assert len(client.get_metric_history(result.run_id, "loss")) == 4
 
 
@@ -238,3 +254,35 @@ def test_bf16_mixed_precision_run_ends_with_a_sample_grid(latents, workdir):
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
     grids = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "samples")]
     assert grids == ["samples/step_000002.png"]
+
+
+def test_val_loss_is_the_same_at_any_batch_size(latents):
+    from fluxfill.encode import LatentCache
+    from fluxfill.models import add_lora, load_component
+    from fluxfill.objective import denoise
+    from fluxfill.validation import val_noise, val_sigmas, validation_loss
+
+    params = validate(raw_params(latents))
+    transformer = add_lora(load_component(params.model, "transformer"), params.train.lora).train()
+    fusion = SemanticFusion("learned", 32, 24, init=0.4)
+    cache = LatentCache(latents / "latents", "val")
+    assert len(cache) == 1  # K = 4 levels: 4 (sample, level) pairs
+
+    def val(batch_size, seed=0):
+        return validation_loss(transformer, fusion, cache, seed=seed, num_sigmas=4, batch_size=batch_size)
+
+    one, three, four = val(1), val(3), val(4)
+    assert abs(four - one) <= 1e-6 * one and abs(three - one) <= 1e-6 * one
+    assert transformer.training and fusion.training  # modes restored
+    assert val(4, seed=1) != four  # the noise is seeded by the seed
+    # the definition, one (sample, level) pair at a time
+    item = cache.collate([cache[0]])
+    by_hand = []
+    with torch.no_grad():
+        transformer.eval()
+        for k, sigma in enumerate(val_sigmas(4).tolist()):
+            noise = val_noise(0, cache[0]["id"], k, cache[0]["x_0"].shape)[None]  # [1, N, 64]
+            out = denoise(transformer, fusion, item, torch.tensor([sigma]), noise)
+            by_hand.append(((out.model_output - out.target) ** 2).mean().item())
+    assert val_sigmas(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert one == pytest.approx(sum(by_hand) / 4, rel=1e-6)
