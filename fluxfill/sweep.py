@@ -115,6 +115,14 @@ def plan(root: Path, grid: dict[str, list[Any]], sets: list[str], name: str) -> 
     return points
 
 
+def default_name() -> str:
+    return datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------- git / DVC
 def _git(root: Path, *args: str) -> str | None:
     proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
@@ -291,13 +299,17 @@ def curves_png(runs: list[tuple[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
-def _note(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def run_point(root: Path, sets: list[str], parent_id: str, point: Point, baseline: str,
+              emit: Callable[[str], None] = _note) -> PointResult:
+    """One point: its DVC experiment, then its MLflow child run."""
+    start = time.monotonic()
+    status = run_experiment(root, point, sets, parent_id, emit)
+    return record_point(root, sets, parent_id, point, baseline, status, round(time.monotonic() - start, 1))
 
 
-def sweep(root: Path, grid: dict[str, list[Any]], sets: list[str], name: str,
-          emit: Callable[[str], None] = _note) -> tuple[str, Any, list[PointResult]]:
-    """Plan, run every point, finish the parent: ``(parent run id, table, results)``."""
+def sweep(root: Path, grid: dict[str, list[Any]], sets: list[str], name: str, emit: Callable[[str], None] = _note,
+          point_runner: Callable[..., PointResult] = run_point) -> tuple[str, Any, list[PointResult]]:
+    """Plan, run every point (``point_runner``, e.g. a Prefect sub-flow), finish the parent: ``(parent id, table, results)``."""
     import mlflow
 
     points = plan(root, grid, sets, name)
@@ -309,9 +321,7 @@ def sweep(root: Path, grid: dict[str, list[Any]], sets: list[str], name: str,
     try:
         for point in points:
             emit(f"--- point {point.index}/{len(points)}: {point.exp_name}  {point.label}")
-            start = time.monotonic()
-            status = run_experiment(root, point, sets, parent_id, emit)
-            results.append(record_point(root, sets, parent_id, point, baseline, status, round(time.monotonic() - start, 1)))
+            results.append(point_runner(root, sets, parent_id, point, baseline, emit))
             emit(f"point {point.index}: training {results[-1].status}, MLflow run {results[-1].run_id}")
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -333,7 +343,7 @@ def run(params: Params, args) -> int:
         raise ConfigError(f"--params {args.params}: a sweep runs DVC experiments, which read {PARAMS_FILE}; "
                           "put the settings in --set instead")
     root = repo_root()
-    name = args.name or datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
+    name = args.name or default_name()
     parent_id, table, results = sweep(root, parse_grid(args.grid), list(args.overrides), name)
     restored = sum(r.status == "restored" for r in results)
     print(f"sweep {name}: {len(results)} point(s) ({restored} restored by DVC), MLflow parent run {parent_id}",

@@ -185,7 +185,7 @@ def test_prefect_yaml_deployments_load_their_flows():
     for d in config["deployments"]:
         path, _, func = d["entrypoint"].partition(":")
         names[f"{load_flow_from_entrypoint(str(ROOT / path) + ':' + func).name}/{d['name']}"] = d["work_pool"]["name"]
-    assert names == {"train-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
+    assert names == {"train-diptych/gpu": "gpu", "sweep-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
 
 
 def test_serve_refuses_to_start_without_a_server(capsys):
@@ -207,7 +207,7 @@ def test_invalid_override_is_rejected_before_anything_runs(repo, harness):
     state = train_diptych(overrides={"train.max_steps": 0, "fusion.mode": "both"}, return_state=True)
     assert state.is_failed()
     assert "train.max_steps: Input should be greater than or equal to 1 (got 0)" in state.message
-    assert "fusion.mode: Input should be 'none' or 'pooled' (got 'both')" in state.message
+    assert "fusion.mode: Input should be 'none', 'fixed' or 'learned' (got 'both')" in state.message
     assert ((repo / "params.yaml").read_bytes(), lock.read_bytes() if lock.exists() else None) == before
     assert not (repo / "data" / "prepared").exists()
 
@@ -316,6 +316,8 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
                 return False
 
         _wait_for(served, 120, "python -m flows.serve did not create train-diptych/local", [serve_log])
+        with urllib.request.urlopen(f"{api}/deployments/name/sweep-diptych/local", timeout=10) as r:
+            assert r.status == 200  # served beside train-diptych
 
         overrides = {**SMALL, "fusion.init": 0.3}
         run = subprocess.run(
