@@ -308,16 +308,16 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         _wait_for(healthy, 180, "the Prefect server did not answer /api/health", [server_log])
         serve = _start([sys.executable, "-m", "flows.serve"], repo, env, serve_log)
 
-        def served() -> bool:
+        def served(name: str = "train-diptych/local") -> bool:
             try:
-                with urllib.request.urlopen(f"{api}/deployments/name/train-diptych/local", timeout=2) as r:
+                with urllib.request.urlopen(f"{api}/deployments/name/{name}", timeout=2) as r:
                     return r.status == 200
             except OSError:
                 return False
 
         _wait_for(served, 120, "python -m flows.serve did not create train-diptych/local", [serve_log])
-        with urllib.request.urlopen(f"{api}/deployments/name/sweep-diptych/local", timeout=10) as r:
-            assert r.status == 200  # served beside train-diptych
+        _wait_for(lambda: served("sweep-diptych/local"), 60, "python -m flows.serve did not create "
+                  "sweep-diptych/local beside train-diptych/local", [serve_log])
 
         overrides = {**SMALL, "fusion.init": 0.3}
         run = subprocess.run(
