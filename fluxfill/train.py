@@ -8,7 +8,8 @@ accumulation, clipping, warm-up + schedule, optional gradient checkpointing, mul
 
 Outputs (DVC outs): models/lora/pytorch_lora_weights.safetensors (diffusers format, loads with
 FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_run.json, metrics/train.json,
-plots/train.csv (step,loss,fusion_weight,fusion_cos,fusion_ref_norm,val_loss,lr).
+plots/train.csv (step,loss,fusion_weight,fusion_cos,fusion_ref_norm,val_loss,lr; one row per logging step),
+plots/val.csv (step,val_loss; the DVC plot of val_loss, step 0 included).
 
 The held-out val_loss (fluxfill.validation) is logged at step 0, every train.val_every steps and at the end.
 
@@ -47,7 +48,7 @@ from .validation import validation_loss
 
 log = logging.getLogger(__name__)
 LORA_DIR, FUSION_FILE, RUN_REF = "lora", "fusion.safetensors", "mlflow_run.json"
-METRICS_FILE, PLOT_FILE = Path("metrics/train.json"), Path("plots/train.csv")
+METRICS_FILE, PLOT_FILE, VAL_PLOT_FILE = Path("metrics/train.json"), Path("plots/train.csv"), Path("plots/val.csv")
 PLOT_COLUMNS = ("step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr")
 # settings that do not change the trained weights (so a restart with new values still resumes)
 _NOT_IN_FINGERPRINT = {"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
@@ -401,11 +402,16 @@ def _write_metrics(history, result: TrainResult, device) -> None:
                "samples_per_s": round(result.samples_per_s, 3),
                "peak_memory_mb": round(_peak_memory_mb(device), 1)}
     METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
-    lines = [",".join(PLOT_COLUMNS)]
-    for r in history:  # a blank cell: not measured at this step (val_loss, or fusion with mode none)
-        lines.append(",".join("" if r.get(c) is None else str(r[c]) if c == "step" else f"{r[c]:.6g}"
-                              for c in PLOT_COLUMNS))
-    PLOT_FILE.write_text("\n".join(lines) + "\n")
+    _write_csv(PLOT_FILE, PLOT_COLUMNS, [r for r in history if "loss" in r])  # the logging steps
+    _write_csv(VAL_PLOT_FILE, ("step", "val_loss"), [r for r in history if "val_loss" in r])  # step 0 included
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A blank cell: not measured at this step (val_loss between validations, fusion with mode none)."""
+    lines = [",".join(columns)]
+    lines += [",".join("" if r.get(c) is None else str(r[c]) if c == "step" else f"{r[c]:.6g}" for c in columns)
+              for r in rows]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _log_samples(params: Params, transformer, fusion, step: int) -> None:

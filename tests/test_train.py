@@ -69,13 +69,15 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     assert metrics["samples_per_s"] > 0 and metrics["peak_memory_mb"] > 0
     table = list(csv.DictReader(Path("plots/train.csv").open()))
     assert list(table[0]) == ["step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr"]
-    assert [int(r["step"]) for r in table] == [0, *range(2, 25, 2)]  # step 0: val_loss before training
-    vals = {int(r["step"]): float(r["val_loss"]) for r in table if r["val_loss"]}
-    assert sorted(vals) == [0, 10, 20, 24]
+    assert [int(r["step"]) for r in table] == list(range(2, 25, 2))
+    assert {int(r["step"]): r["val_loss"] != "" for r in table} == {s: s in (10, 20, 24) for s in range(2, 25, 2)}
+    assert all(-1 <= float(r["fusion_cos"]) <= 1 and float(r["fusion_ref_norm"]) > 0 for r in table)
+    val_rows = list(csv.DictReader(Path("plots/val.csv").open()))  # the DVC plot: step 0 is before training
+    vals = {int(r["step"]): float(r["val_loss"]) for r in val_rows}
+    assert list(val_rows[0]) == ["step", "val_loss"] and sorted(vals) == [0, 10, 20, 24]
+    assert float(table[-1]["val_loss"]) == vals[24]
     assert metrics["val_loss"] == pytest.approx(vals[24], rel=1e-5) and metrics["val_loss_start"] == pytest.approx(vals[0], rel=1e-5)
-    assert table[0]["loss"] == "" and all(-1 <= float(r["fusion_cos"]) <= 1 and float(r["fusion_ref_norm"]) > 0
-                                          for r in table[1:])
-    losses = [float(r["loss"]) for r in table[1:]]
+    losses = [float(r["loss"]) for r in table]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
     ref = json.loads(Path("models/mlflow_run.json").read_text())
     assert ref["run_id"] == result.run_id
@@ -186,6 +188,7 @@ def test_fusion_mode_none_trains_without_alpha(latents, workdir):
     assert json.loads(Path("metrics/train.json").read_text())["fusion_weight"] is None
     rows = list(csv.DictReader(Path("plots/train.csv").open()))
     assert all(r["fusion_weight"] == r["fusion_cos"] == "" for r in rows) and rows[-1]["val_loss"]
+    assert [r["step"] for r in csv.DictReader(Path("plots/val.csv").open())] == ["0", "4"]  # val_every 10: start, end
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
     client = mlflow.MlflowClient()
     assert client.get_metric_history(result.run_id, "fusion_weight") == []
