@@ -20,7 +20,10 @@ A point whose training DVC restored logs no run of its own: the sweep adds a chi
 fluxfill.restored_from=<the run that produced those outputs>, carrying that run's metrics. The parent holds
 sweep/table.csv and sweep/table.md (the params that differ, val_loss, loss, fusion_weight, eval metrics) and
 sweep/curves.png (val_loss and α of every child); the child with the lowest final val_loss is tagged
-fluxfill.sweep.best=true. exit status: 0 when every point ran; 1 when a point failed (the parent is FAILED).
+fluxfill.sweep.best=true.
+
+exit status: 0 when every point ran or was restored; 1 when a point failed (the parent run ends FAILED);
+2 for an invalid setting or grid, or a --name whose experiments exist already (nothing runs).
 """
 
 from __future__ import annotations
