@@ -284,6 +284,32 @@ def own_experiment(raw: dict, name: str) -> dict:
     return {**raw, "tracking": {**raw["tracking"], "experiment": name}, "eval": {"num_inference_steps": 1}}
 
 
+def test_the_step_code_is_every_package_file_training_imports(tmp_path):
+    from fluxfill import sources
+
+    names = {p.relative_to(sources.PACKAGE_DIR).as_posix() for p in sources.imported_files("train")}
+    assert {"train.py", "objective.py", "fusion.py", "models.py", "latents.py", "encode.py", "config.py",
+            "__init__.py", "configs/flux-fill-dev-transformer.json"} <= names
+    assert "evaluate.py" in names  # imported inside a function (the sample grids)
+    assert not {"cli.py", "compare.py", "summary.py"} & names  # not imported by training
+    # found from the imports: a new module imported by one of them joins
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text("from .objective import step\n\ndef f():\n    import fluxfill.extra\n")
+    (pkg / "objective.py").write_text("from . import config\n")
+    (pkg / "config.py").write_text("")
+    (pkg / "extra.py").write_text("")
+    (pkg / "unused.py").write_text("")
+    assert [p.name for p in sources.imported_files("train", pkg)] == [
+        "__init__.py", "config.py", "extra.py", "objective.py", "train.py"]
+    before = sources.module_digest("train", pkg)
+    (pkg / "unused.py").write_text("# edited\n")
+    assert sources.module_digest("train", pkg) == before
+    (pkg / "extra.py").write_text("# edited\n")
+    assert sources.module_digest("train", pkg) != before
+
+
 def test_shorter_run_after_longer_run_is_a_new_run_of_exactly_its_steps(latents, workdir):
     raw = own_experiment(raw_params(latents, max_steps=8, checkpoint_every=2, keep_checkpoints=2), "shorter")
     long = train(validate(raw))
