@@ -633,10 +633,9 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
-    safety.check_outputs(params, "train")
+    safety.check_outputs(params, "train")  # the CLI holds the training lock (fluxfill.cli.LOCKED)
     try:
-        with safety.training_lock():
-            result = train(params, fresh=args.fresh)
+        result = train(params, fresh=args.fresh)
     except KeyboardInterrupt:
         print("train: interrupted; a checkpoint was written, run `fluxfill train` again to resume", file=sys.stderr)
         return 130
