@@ -462,8 +462,11 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
 
     def validate(at: int) -> None:
+        nonlocal window_t
         if val_cache is not None:
+            began = time.perf_counter()
             _validate(params, accelerator, transformer, fusion, val_cache, at, history)
+            window_t += time.perf_counter() - began  # samples_per_s counts training time only
 
     if start == 0:
         validate(0)
