@@ -5,8 +5,8 @@
     python -m flows.serve                                  # long-running; Ctrl-C stops it
     prefect deployment run 'train-diptych/local' -p overrides='{"train.max_steps": 20}' --watch
 
-Deployments: train-diptych/local, and one per stage (prepare-data/local, encode-latents/local,
-train/local, evaluate/local). Runs execute in this process's machine, in the repository root, one at a
+Deployments: train-diptych/local, one per stage (prepare-data/local, encode-latents/local,
+train/local, evaluate/local) and edit-batch/local (a folder of images in, edited images out). Runs execute in this process's machine, in the repository root, one at a
 time (--limit 1: one GPU). For remote GPU machines use a work pool instead (prefect.yaml).
 """
 
@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(root)  # flow runs inherit the working directory: the repository the stages belong to
     from prefect import serve
 
+    serve(*deployments(args.name), limit=args.limit)
+    return 0
+
+
+def deployments(name: str = "local") -> list:
+    """The served deployments: train-diptych, one per stage, edit-batch."""
+    from .edit import edit_batch
     from .pipeline import STAGE_FLOWS, train_diptych
 
-    deployments = [
-        f.to_deployment(name=args.name, tags=["fluxfill"]) for f in (train_diptych, *STAGE_FLOWS.values())
-    ]
-    serve(*deployments, limit=args.limit)
-    return 0
+    return [f.to_deployment(name=name, tags=["fluxfill"]) for f in (train_diptych, *STAGE_FLOWS.values(), edit_batch)]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each row shows the run's name, start time (local), status, the params that DIFFER between the
 listed runs (params all runs share are left out), the final `loss` and `fusion_weight` (blank when
 a run did not log it, e.g. with fusion.mode none), the evaluation metrics when present (psnr, ssim,
-identity_*, base_*) and the run id.
+identity_*, base_*), the version of tracking.registered_model the run registered and that version's
+aliases (when some listed run has one; `fluxfill promote` sets aliases), and the run id.
 
 examples:
   fluxfill compare                                     # last 10 runs of tracking.experiment
@@ -36,12 +37,13 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from . import tracking
+from . import registry, tracking
 from .config import FluxfillError, Params, TrackingConfig
 
 TRAIN_METRICS = ("loss", "fusion_weight")
 EVAL_METRICS = ("psnr", "ssim", "identity_psnr", "identity_ssim", "base_psnr", "base_ssim")
-FIXED_COLUMNS = ("run", "started", "status", *TRAIN_METRICS, *EVAL_METRICS, "run_id")
+REGISTRY_COLUMNS = ("version", "aliases")
+FIXED_COLUMNS = ("run", "started", "status", *TRAIN_METRICS, *EVAL_METRICS, *REGISTRY_COLUMNS, "run_id")
 FORMATS = ("table", "csv", "markdown")
 
 
@@ -49,7 +51,9 @@ def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "") -
     """The last ``last`` runs of ``cfg.experiment`` matching ``filter_string``, newest first.
 
     Columns: run, started, status, one per differing param (``fusion.mode``), loss, fusion_weight,
-    the eval metrics some run logged, run_id. Metric values are the last logged (highest step).
+    the eval metrics some run logged, version and aliases (when some run registered a version of
+    ``cfg.registered_model``; several versions of one run are joined by ``,``), run_id. Metric
+    values are the last logged (highest step).
     Raises FluxfillError when there is no run to show; creates nothing in the store.
     """
     uri = tracking.tracking_uri(cfg)
@@ -86,6 +90,10 @@ def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "") -
     for m in EVAL_METRICS:
         if f"metrics.{m}" in found:
             table[m] = found[f"metrics.{m}"]
+    versions = registry.versions_by_run(cfg)
+    if any(r in versions for r in found["run_id"]):
+        table["version"] = [",".join(v for v, _ in versions.get(r, [])) for r in found["run_id"]]
+        table["aliases"] = [",".join(a for _, aliases in versions.get(r, []) for a in aliases) for r in found["run_id"]]
     table["run_id"] = found["run_id"]
     return table.reset_index(drop=True)
 

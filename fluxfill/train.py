@@ -41,6 +41,8 @@ from .encode import LatentCache, settings
 from .fusion import SemanticFusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
+from .registry import register_trained_model
+from .sampling import training_sample_grid
 
 log = logging.getLogger(__name__)
 LORA_DIR, FUSION_FILE, RUN_REF = "lora", "fusion.safetensors", "mlflow_run.json"
@@ -242,6 +244,7 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
             tracking.write_run_ref(out_dir / RUN_REF, run)
             _write_metrics(history, result, device)
             _log_samples(params, unwrapped, fusion_module, result.steps)
+            register_trained_model(params, out_dir)
             mlflow.log_artifacts(str(out_dir), "model")
     return result
 
@@ -359,10 +362,6 @@ def _write_metrics(history, result: TrainResult, device) -> None:
 
 def _log_samples(params: Params, transformer, fusion, step: int) -> None:
     """A sample grid [reference | source | generated | target] of validation samples, logged to MLflow."""
-    try:
-        from .evaluate import training_sample_grid
-    except ImportError:  # evaluation not installed: no grid
-        return
     grid = training_sample_grid(params, transformer, fusion)
     if grid is not None:
         tracking.log_image(grid, f"step_{step:06d}", folder="samples")

@@ -18,12 +18,13 @@ from bench.common import make_prepared
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.encode import LatentCache, encode
-from fluxfill.evaluate import PSNR_CAP, check_lora, generate, psnr, sample_grid, ssim
+from fluxfill.evaluate import PSNR_CAP, psnr, ssim
 from fluxfill.fusion import SemanticFusion
 from fluxfill.latents import encode_prompts
 from fluxfill.models import add_lora, load_component, load_pipeline
 from fluxfill.objective import flow_matching_step
 from fluxfill.panels import panels_from_triptych
+from fluxfill.sampling import check_lora, generate, sample_grid
 
 PANEL = 32
 MSL = 16  # T5 tokens

@@ -185,7 +185,7 @@ def test_prefect_yaml_deployments_load_their_flows():
     for d in config["deployments"]:
         path, _, func = d["entrypoint"].partition(":")
         names[f"{load_flow_from_entrypoint(str(ROOT / path) + ':' + func).name}/{d['name']}"] = d["work_pool"]["name"]
-    assert names == {"train-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
+    assert names == {"train-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu", "edit-batch/gpu": "gpu"}
 
 
 def test_serve_refuses_to_start_without_a_server(capsys):
