@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import FluxfillError, Params
 from .sampling import FUSION_FILE, LORA_DIR, LORA_WEIGHTS
@@ -83,11 +83,15 @@ def bfl_name(module: str) -> str | tuple[str, int, int] | None:
 
 
 def read_diffusers_lora(file: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float | None]:
-    """``{module: (A [r, in], B [out, r])}`` of a diffusers LoRA file and its peft ``lora_alpha`` (None: absent)."""
-    tensors = load_file(str(file))
-    with safe_open(str(file), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "null") or "null")
-    if meta and (meta.get("alpha_pattern") or meta.get("use_rslora") or meta.get("use_dora")):
+    """``{module: (A [r, in], B [out, r])}`` of a diffusers LoRA file and its peft ``lora_alpha`` (None: absent).
+
+    Read with diffusers' own ``lora_state_dict``; its adapter metadata keys are ``transformer.<peft key>``.
+    """
+    from diffusers import FluxFillPipeline
+
+    tensors, metadata = FluxFillPipeline.lora_state_dict(str(file), return_lora_metadata=True)
+    meta = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
+    if meta.get("alpha_pattern") or meta.get("use_rslora") or meta.get("use_dora"):
         raise FluxfillError(f"{file}: alpha_pattern, rsLoRA or DoRA adapters are not exportable to kohya/comfyui")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -95,7 +99,7 @@ def read_diffusers_lora(file: Path) -> tuple[dict[str, tuple[torch.Tensor, torch
         if not m:
             raise FluxfillError(f"{file}: unexpected key {key!r}; expected transformer.<module>.lora_A/B.weight")
         modules.setdefault(m.group(1), {})[m.group(2)] = value
-    return {k: (v["A"], v["B"]) for k, v in modules.items()}, (meta or {}).get("lora_alpha")
+    return {k: (v["A"], v["B"]) for k, v in modules.items()}, meta.get("lora_alpha")
 
 
 def _fuse(parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]], n: int) -> tuple[torch.Tensor, torch.Tensor, float]:

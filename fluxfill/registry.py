@@ -96,8 +96,11 @@ class FluxfillModel(mlflow.pyfunc.PythonModel):
             ref = row.get("reference")
             reference = _image(ref, "reference", k) if isinstance(ref, str) and ref else None
             prompt = row.get("prompt") if isinstance(row.get("prompt"), str) and row.get("prompt") else None
-            edited = self.editor(source, reference, prompt=prompt, seed=seed + k, steps=params.get("steps"),
-                                 guidance=params.get("guidance"))
+            try:
+                edited = self.editor(source, reference, prompt=prompt, seed=seed + k, steps=params.get("steps"),
+                                     guidance=params.get("guidance"))
+            except FluxfillError as e:  # the request's fault (e.g. no reference): HTTP 400 when served
+                raise MlflowException.invalid_parameter_value(f"row {k}: {e}") from e
             out.append(encode_image(edited))
         return pd.DataFrame({"image": out})
 

@@ -385,3 +385,36 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
     finally:
         _stop(serve)
         _stop(server)
+
+
+# ------------------------------------------------------------------------------------------- edit-batch
+def test_edit_batch_flow_edits_a_folder_and_is_served(tmp_path, monkeypatch, harness, model_dir):
+    import numpy as np
+    from PIL import Image
+
+    from flows.edit import edit_batch
+    from flows.serve import deployments
+
+    assert sorted(d.flow_name for d in deployments()) == [
+        "edit-batch", "encode-latents", "evaluate", "prepare-data", "train", "train-diptych"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("eval: {num_inference_steps: 1}\n")  # the repository root
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"a.png": (451, 300), "b.jpg": (30, 50)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / name)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), reference="ref.png", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["written"] == [str(tmp_path / "edited" / "a.png"), str(tmp_path / "edited" / "b.png")]
+    assert result["model"] == str(model_dir) and abs(result["alpha"] - 0.3) < 1e-6
+    assert [Image.open(p).size for p in result["written"]] == [(451, 300), (30, 50)]
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "2 image(s) from `photos` into `edited`" in arts["edit-batch-summary"].data
+    assert "fusion weight α: 0.3000" in arts["edit-batch-summary"].data
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), return_state=True)  # outputs exist
+    assert state.is_failed()
+    assert "edit found 2 problem(s) (nothing written)" in state.message and "edited/a.png exists" in state.message
