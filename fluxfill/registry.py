@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -167,9 +168,11 @@ def register_trained_model(params: Params, out_dir: Path):
         shutil.copytree(out_dir / LORA_DIR, folder / LORA_DIR)
         shutil.copy2(out_dir / FUSION_FILE, folder / FUSION_FILE)
         spec = write_spec(params, folder, with_eval=True)
-        info = mlflow.pyfunc.log_model(name=PYFUNC_NAME, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-                                       artifacts={MODEL_ARTIFACT: str(folder)}, signature=signature(spec),
-                                       pip_requirements=requirements())
+        with warnings.catch_warnings():  # an input example would make MLflow load and run the model here
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = mlflow.pyfunc.log_model(name=PYFUNC_NAME, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                                           artifacts={MODEL_ARTIFACT: str(folder)}, signature=signature(spec),
+                                           pip_requirements=requirements())
     mv = mlflow.register_model(info.model_uri, name, tags=version_tags(params))
     mlflow.MlflowClient().update_model_version(
         name, mv.version, description=f"{spec.model.preset} LoRA + fusion ({spec.fusion_mode}) of run {run.info.run_id}")

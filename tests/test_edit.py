@@ -127,6 +127,7 @@ def test_python_api(tmp_path, model_dir, model_factory, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults
     ed = Editor.load(model_dir, device="cpu")
     assert ed.alpha == pytest.approx(0.3) and ed.spec.panel_size == PANEL and ed.source == str(model_dir)
+    assert ed.settings() == {"prompt": ed.spec.prompt, "seed": 0, "steps": 8, "guidance": 30.0}  # params defaults
     source, reference = rng_image(90, 70), rng_image(50, 50, seed=1)
     out = ed(source, reference, steps=1, seed=4)
     assert isinstance(out, Image.Image) and out.size == (90, 70)
@@ -176,3 +177,22 @@ def test_edit_reproduces_evaluate(tmp_path, model_factory, monkeypatch):
         assert edited.text["model"] == str(tmp_path / "models")  # the default: models/ of this repository
         assert np.array_equal(np.asarray(edited), evaluated)
     assert json.loads((tmp_path / "metrics" / "eval.json").read_text())["num_samples"] == 2
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way leaves neither a partial PNG nor a temporary file."""
+    from fluxfill.edit import save_png
+
+    target = tmp_path / "out.png"
+    save_png(rng_image(20, 10), target, {"seed": "1"})
+    before = target.read_bytes()
+
+    def broken(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_png(rng_image(20, 10, seed=1), target, {"seed": "2"})
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]

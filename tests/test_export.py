@@ -114,6 +114,7 @@ def test_kohya_and_comfyui_round_trip_through_diffusers_converters(tmp_path):
     assert comfy["diffusion_model.double_blocks.0.txt_attn.qkv.lora_down.weight"].shape == (12, 32)  # 3 x rank 4
     assert comfy["diffusion_model.double_blocks.0.txt_attn.qkv.alpha"].item() == 24.0  # 3 x alpha 8
     assert comfy["diffusion_model.img_in.lora_down.weight"].shape == (4, 384)  # the Fill-only input width
+    assert comfy["diffusion_model.img_in.alpha"].item() == 8.0  # the trained alpha
     assert comfy["diffusion_model.final_layer.linear.alpha"].item() == 4.0  # scale folded into the weights
 
 

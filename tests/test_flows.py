@@ -414,6 +414,8 @@ def test_edit_batch_flow_edits_a_folder_and_is_served(tmp_path, monkeypatch, har
     arts = _artifacts(state.state_details.flow_run_id)
     assert "2 image(s) from `photos` into `edited`" in arts["edit-batch-summary"].data
     assert "fusion weight α: 0.3000" in arts["edit-batch-summary"].data
+    rows = arts["edit-batch-outputs"].data
+    assert (json.loads(rows) if isinstance(rows, str) else rows) == [{"output": p} for p in result["written"]]
 
     state = edit_batch(source="photos", out="edited", model=str(model_dir), return_state=True)  # outputs exist
     assert state.is_failed()

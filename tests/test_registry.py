@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -212,6 +213,12 @@ def test_mlflow_models_serve_edits_a_posted_image(repo, tmp_path):
             answer = json.loads(r.read())
         edited = image(answer["predictions"][0]["image"])
         assert edited.size == (451, 300) and edited.mode == "RGB"
+        bad = {"dataframe_records": [{"source": b64(rng_image(20, 20))}]}  # no reference for a fusion model
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(bad).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=120)
+        assert err.value.code == 400 and "pass a reference image" in err.value.read().decode()
         print(f"mlflow models serve: up and answered in {time.perf_counter() - started:.1f} s")
     finally:
         if server.poll() is None:
