@@ -359,6 +359,8 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
                 runs = pc.read_flow_runs()
             flow_run = next(r for r in runs if r.parameters.get("run_name") == "ci-served")
             assert flow_run.state.is_completed()
+            version = client.get_model_version("fluxfill-diptych", "1")  # the version training registered
+            assert version.run_id == ref["run_id"] and version.tags["prefect.flow_run_id"] == str(flow_run.id)
             arts = _artifacts(flow_run.id)
             assert {"train-diptych-summary", "train-diptych-metrics", "mlflow-run"} <= set(arts)
             summary = arts["train-diptych-summary"].data
@@ -366,6 +368,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
                 assert f"| {stage} | ran |" in summary
             train_metrics = json.loads((repo / "metrics/train.json").read_text())
             assert f"final α {train_metrics['fusion_weight']:.4g}" in summary
+            assert "**Model version**: `fluxfill-diptych` version 1 (`models:/fluxfill-diptych/1`;" in summary
             assert "mlflow ui --backend-store-uri" in arts["mlflow-run"].data
             assert ref["run_id"] in arts["mlflow-run"].data
             rows = arts["train-diptych-metrics"].data
