@@ -48,7 +48,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import EvalConfig, FluxfillError, ModelSpec, Params, repo_root
+from .config import EvalConfig, FluxfillError, ModelSpec, Params, load_params, repo_root
 from .data import open_checked, read_image
 from .fusion import SemanticFusion
 from .models import best_device, load_pipeline, resolve_dtype
@@ -128,7 +128,6 @@ class Editor:
         ``params`` (default: ./params.yaml, if any) gives the MLflow tracking store and, for a folder, the
         generation defaults (its eval section).
         """
-        from .config import load_params
         from .registry import download_model, is_model_uri
 
         params = params or load_params()

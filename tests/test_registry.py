@@ -77,7 +77,10 @@ def trained(tmp_path_factory):
         seconds = time.perf_counter() - started
     finally:
         os.chdir(cwd)
-        os.environ.pop("PREFECT__FLOW_RUN_ID") if env is None else os.environ.update(PREFECT__FLOW_RUN_ID=env)
+        if env is None:
+            del os.environ["PREFECT__FLOW_RUN_ID"]
+        else:
+            os.environ["PREFECT__FLOW_RUN_ID"] = env
         AcceleratorState._reset_state(reset_partial_state=True)
     return {"root": root, "params": params, "run_id": result.run_id, "commit": commit, "uri": raw["tracking"]["tracking_uri"],
             "seconds": seconds}
@@ -97,9 +100,9 @@ def test_finished_training_registers_a_tagged_version(repo):
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions(f"name = '{NAME}'")
     assert (str(version.version), version.run_id) == ("1", repo["run_id"])
-    assert {k: version.tags.get(k) for k in ("git.commit", "dvc.data.prepared", "dvc.data.latents",
+    assert {k: version.tags.get(k) for k in ("git.commit", "git.dirty", "dvc.data.prepared", "dvc.data.latents",
                                              "prefect.flow_run_id", "fusion.mode", "preset", "fluxfill.version")} == {
-        "git.commit": repo["commit"], "dvc.data.prepared": "aaa111.dir", "dvc.data.latents": "bbb222.dir",
+        "git.commit": repo["commit"], "git.dirty": "false", "dvc.data.prepared": "aaa111.dir", "dvc.data.latents": "bbb222.dir",
         "prefect.flow_run_id": "flow-run-1234", "fusion.mode": "pooled", "preset": "tiny", "fluxfill.version": "0.1.0"}
     assert version.description == f"tiny LoRA + fusion (pooled) of run {repo['run_id']}"
     # the version carries everything to rebuild the pipeline, the run's eval settings included
