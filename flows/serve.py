@@ -6,8 +6,8 @@
     prefect deployment run 'train-diptych/local' -p overrides='{"train.max_steps": 20}' --watch
 
 Deployments: train-diptych/local, one per stage (prepare-data/local, encode-latents/local,
-train/local, evaluate/local) and edit-batch/local (a folder of images in, edited images out). Runs execute in this process's machine, in the repository root, one at a
-time (--limit 1: one GPU). For remote GPU machines use a work pool instead (prefect.yaml).
+train/local, evaluate/local) and edit-batch/local (a folder of images in, edited images out). Runs
+execute in this process's machine, in the repository root, one at a time (--limit 1: one GPU). For remote GPU machines use a work pool instead (prefect.yaml).
 """
 
 from __future__ import annotations

@@ -165,14 +165,14 @@ class ModelSpec(Section):
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     instruction: str
     lora: LoraConfig
-    fusion_mode: Literal["none", "pooled"]
+    fusion: FusionConfig
     eval: EvalConfig | None = None
 
     @classmethod
     def from_params(cls, params: Params, version: str, with_eval: bool = False) -> ModelSpec:
         return cls(fluxfill_version=version, model=params.model, panel_size=params.data.panel_size,
                    prompt_template=params.data.prompt_template, instruction=params.data.instruction,
-                   lora=params.train.lora, fusion_mode=params.fusion.mode, eval=params.eval if with_eval else None)
+                   lora=params.train.lora, fusion=params.fusion, eval=params.eval if with_eval else None)
 
     @property
     def prompt(self) -> str:

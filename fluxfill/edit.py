@@ -115,9 +115,9 @@ class Editor:
         pipe = load_pipeline(spec.model, dev, dtype)
         load_lora(pipe, folder / LORA_DIR, spec.lora)
         fusion = SemanticFusion.load(fusion_file).to(dev)
-        if fusion.mode != spec.fusion_mode:
+        if fusion.mode != spec.fusion.mode:
             raise FluxfillError(f"{fusion_file} holds fusion mode {fusion.mode!r} but {folder / SPEC_FILE} says "
-                                f"{spec.fusion_mode!r}: the folder mixes two runs; re-run `fluxfill train`")
+                                f"{spec.fusion.mode!r}: the folder mixes two runs; re-run `fluxfill train`")
         encoders = fusion_encoders(spec.model, fusion, dev, dtype)
         return cls(spec, pipe, fusion, encoders, source or str(folder), spec.eval or eval_cfg or EvalConfig())
 
@@ -139,7 +139,7 @@ class Editor:
 
     @property
     def alpha(self) -> float | None:
-        """The trained fusion weight α, None for ``fusion_mode: none``."""
+        """The trained fusion weight α, None for ``fusion.mode: none``."""
         a = self.fusion.alpha
         return None if a is None else float(a.detach())
 
@@ -154,7 +154,7 @@ class Editor:
     def png_text(self, settings: dict) -> dict[str, str]:
         """The PNG text chunks of an edited image made with ``settings`` (see :meth:`settings`)."""
         return {"prompt": settings["prompt"], "seed": str(settings["seed"]), "steps": str(settings["steps"]),
-                "guidance": f"{settings['guidance']:g}", "fusion_mode": self.spec.fusion_mode,
+                "guidance": f"{settings['guidance']:g}", "fusion_mode": self.spec.fusion.mode,
                 "alpha": "none" if self.alpha is None else f"{self.alpha:.6f}", "model": self.source,
                 "panel_size": str(self.spec.panel_size), "fluxfill_version": __version__}
 

@@ -175,7 +175,7 @@ def register_trained_model(params: Params, out_dir: Path):
                                            pip_requirements=requirements())
     mv = mlflow.register_model(info.model_uri, name, tags=version_tags(params))
     mlflow.MlflowClient().update_model_version(
-        name, mv.version, description=f"{spec.model.preset} LoRA + fusion ({spec.fusion_mode}) of run {run.info.run_id}")
+        name, mv.version, description=f"{spec.model.preset} LoRA + fusion ({spec.fusion.mode}) of run {run.info.run_id}")
     log.info("registered %s version %s (run %s)", name, mv.version, run.info.run_id)
     return mv
 

@@ -142,6 +142,9 @@ def test_python_api(tmp_path, model_dir, model_factory, monkeypatch):
     model_factory(folder, fusion_mode="none")
     plain = Editor.load(folder, device="cpu")
     assert plain.alpha is None and plain(source, steps=1).size == (90, 70)  # no reference needed
+    (folder / "fusion.safetensors").write_bytes((model_dir / "fusion.safetensors").read_bytes())
+    with pytest.raises(FluxfillError, match=r"holds fusion mode 'pooled' but .* says 'none': the folder mixes two runs"):
+        Editor.load(folder)
     (folder / "fluxfill_model.json").write_text("{\"model\": 3}")
     with pytest.raises(FluxfillError, match=r"fluxfill_model.json: not a valid fluxfill model spec"):
         Editor.load(folder)

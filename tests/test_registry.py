@@ -95,7 +95,7 @@ def repo(trained, monkeypatch):
 
 def test_finished_training_registers_a_tagged_version(repo):
     spec = ModelSpec.model_validate_json((repo["root"] / "models" / "fluxfill_model.json").read_text())
-    assert (spec.model.preset, spec.panel_size, spec.fusion_mode, spec.lora.rank, spec.eval) == ("tiny", 64, "pooled", 16, None)
+    assert (spec.model.preset, spec.panel_size, spec.fusion.mode, spec.lora.rank, spec.eval) == ("tiny", 64, "pooled", 16, None)
     assert spec.prompt == repo["params"].data.prompt_template.format(instruction=repo["params"].data.instruction)
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions(f"name = '{NAME}'")
