@@ -287,6 +287,16 @@ def read_image(label: str) -> Image.Image:
         return ImageOps.exif_transpose(img)
 
 
+def open_checked(label: str) -> tuple[Image.Image | None, str | None]:
+    """``(image, None)`` for a readable image (see :func:`read_image`), else ``(None, "<label>: <problem and fix>")``."""
+    try:
+        return read_image(label), None
+    except UnidentifiedImageError:
+        return None, f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{label}: unreadable or truncated image ({e}); re-export or remove it"
+
+
 def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The demo's source: a slightly blurred, darkened (gain and gamma), noisy copy of an RGB panel."""
     blur = rng.uniform(0.6, 1.4) * img.width / 512
@@ -319,13 +329,9 @@ def _check_images(samples: list[Sample], cfg: DataConfig) -> list[str]:
                      for s in samples for lab in (s.target, s.source, s.reference) if lab})
     problems: list[str] = []
     for label in labels:
-        try:
-            img = read_image(label)
-        except UnidentifiedImageError:
-            problems.append(f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG")
-            continue
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            problems.append(f"{label}: unreadable or truncated image ({e}); re-export or remove it")
+        img, problem = open_checked(label)
+        if problem:
+            problems.append(problem)
             continue
         _, note = to_rgb(img)
         if note:

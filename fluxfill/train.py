@@ -63,6 +63,8 @@ from .encode import LatentCache, settings
 from .fusion import SemanticFusion, build_fusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
+from .registry import register_trained_model
+from .sampling import training_sample_grid
 from .validation import validation_loss
 
 log = logging.getLogger(__name__)
@@ -396,6 +398,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
     _log_samples(params, unwrapped, fusion_module, result.steps)
     mlflow.log_artifacts(str(out_dir), "model")
     tracking.tag_outputs(out_dir)
+    register_trained_model(params, out_dir)
 
 
 def _val_cache(params: Params) -> LatentCache | None:
@@ -621,10 +624,6 @@ def _load_checkpoint(accelerator, ckpt: Path) -> dict:
 
 def _log_samples(params: Params, transformer, fusion, step: int) -> None:
     """A sample grid [reference | source | generated | target] of validation samples, logged to MLflow."""
-    try:
-        from .evaluate import training_sample_grid
-    except ImportError:  # evaluation not installed: no grid
-        return
     grid = training_sample_grid(params, transformer, fusion)
     if grid is not None:
         tracking.log_image(grid, f"step_{step:06d}", folder="samples")
