@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, reading
 from .config import FluxfillError, Params
+from .data import read_manifest
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
 from .models import DTYPES, best_device, load_component, resolve_dtype
 from .panels import Panels, panels_from_triptych
@@ -45,7 +46,6 @@ from .safety import check_outputs
 log = logging.getLogger(__name__)
 PHASES = ("text", "vae", "vision")
 META, GEOMETRY = CACHE_META, CACHE_GEOMETRY
-READ_COLUMNS = ("id", "split", "prompt", "file", "sha256")  # what the stages read of the manifest
 # what training reads from meta.json: a file without these keys was written by another version
 META_KEYS = ("preset", "panel_size", "max_sequence_length", "code_version", "manifest_sha256", "shards", "samples")
 
@@ -76,23 +76,6 @@ def settings(params: Params) -> dict:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def read_manifest(prepared: Path) -> pd.DataFrame:
-    """The rows of ``<prepared>/manifest.csv``; a damaged, truncated or foreign manifest is refused in one line."""
-    path = Path(prepared) / MANIFEST
-    if not path.exists():
-        raise FluxfillError(f"{path} not found: run `fluxfill prepare` (or `dvc repro prepare`) first")
-    with reading(path, "prepare", "manifest"):
-        df = pd.read_csv(path, keep_default_na=False, dtype=str)
-    missing = set(READ_COLUMNS) - set(df.columns)
-    if missing:
-        raise damaged(path, f"a manifest from another version of fluxfill (no columns {sorted(missing)})", "prepare")
-    bad = ~df["sha256"].str.fullmatch(r"[0-9a-f]{64}") | ~df["split"].isin(["train", "val"]) | (df["file"] == "")
-    if bad.any():
-        line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
-        raise damaged(path, f"damaged or truncated manifest (line {line} is incomplete)", "prepare")
-    return df
 
 
 def load_triptychs(prepared: Path, rows: pd.DataFrame) -> list[Panels]:

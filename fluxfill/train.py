@@ -1,6 +1,6 @@
 """Train LoRA adapters + the semantic fusion weight on FLUX.1-Fill from the latent cache (data/latents).
 
-Rectified-flow objective (DESIGN §3) with accelerate: mixed precision (bf16 on CUDA, fp32 on CPU), gradient
+Rectified-flow objective (docs/design.md §3) with accelerate: mixed precision (bf16 on CUDA, fp32 on CPU), gradient
 accumulation, clipping, warm-up + schedule, optional gradient checkpointing, multi-GPU via `accelerate launch`:
 
   accelerate launch --num_processes 8 -m fluxfill.cli train             # DDP on 8 GPUs

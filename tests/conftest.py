@@ -71,7 +71,7 @@ def tiny(tiny_cfg):
     return {name: load_component(tiny_cfg, name, "cpu") for name in COMPONENTS}
 
 
-def write_model_dir(folder, panel: int = 64, fusion_mode: str = "pooled", msl: int = 16, **eval_settings):
+def write_model_dir(folder, panel: int = 64, fusion_mode: str = "learned", msl: int = 16, **eval_settings):
     """A trained-looking tiny model folder, as `fluxfill train` writes it: LoRA (non-zero B, alpha 8, rank 4) with
     adapter metadata, fusion file (α 0.3) and fluxfill_model.json; returns the params it was "trained" with."""
     from diffusers import FluxFillPipeline

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import make_prepared
 
-from bench.common import make_prepared
 from fluxfill import artifacts
 from fluxfill.cli import main
 from fluxfill.config import validate

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import make_prepared
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill import Editor, __version__
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, validate
@@ -72,7 +72,7 @@ def test_edit_odd_grey_rgba_and_exif_rotated_sources(tmp_path, model_dir, monkey
         assert edited.size == size and edited.mode == "RGB" and np.asarray(edited).std() > 1
         assert edited.text == {
             "prompt": validate({}).data.prompt_template.format(instruction=validate({}).data.instruction),
-            "seed": str(11 + k), "steps": "1", "guidance": "30", "fusion_mode": "pooled", "alpha": "0.300000",
+            "seed": str(11 + k), "steps": "1", "guidance": "30", "fusion_mode": "learned", "alpha": "0.300000",
             "model": str(model_dir), "panel_size": "64", "fluxfill_version": __version__,
             "source": str(next(src.glob(stem + ".*")).relative_to(tmp_path)), "reference": "ref.jpg"}
         strip = Image.open(tmp_path / "out" / f"{stem}.side-by-side.png")

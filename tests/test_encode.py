@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import make_prepared
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
 from fluxfill.fusion import SemanticFusion

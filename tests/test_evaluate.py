@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import FluxFillPipeline
+from helpers import make_prepared
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill import tracking
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate

@@ -57,7 +57,7 @@ def model_folder(root, transformer, targets: str, rank=4, alpha=8.0):
             p.data = torch.randn(p.shape, generator=g) * 0.1
     FluxFillPipeline.save_lora_weights(root / "lora", transformer_lora_layers=get_peft_model_state_dict(transformer),
                                        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    SemanticFusion("pooled", 32, 24, init=0.3).save(root / "fusion.safetensors")
+    SemanticFusion("learned", 32, 24, init=0.3).save(root / "fusion.safetensors")
     return sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
                    for k in load_file(str(root / "lora" / "pytorch_lora_weights.safetensors"))})
 
@@ -164,7 +164,7 @@ def test_cli_export_formats_and_fusion_sidecar(tmp_path, model_dir, model_factor
     with safe_open("comfy.safetensors", "pt") as f:
         assert f.metadata()["fluxfill.fusion_sidecar"] == "comfy.fusion.safetensors"
     sidecar = SemanticFusion.load(tmp_path / "comfy.fusion.safetensors")
-    assert sidecar.mode == "pooled" and float(sidecar.alpha.detach()) == pytest.approx(0.3)
+    assert sidecar.mode == "learned" and float(sidecar.alpha.detach()) == pytest.approx(0.3)
     assert (tmp_path / "comfy.fusion.safetensors").read_bytes() == (model_dir / "fusion.safetensors").read_bytes()
 
     assert main(["export", "--format", "diffusers", "--out", "d/lora.safetensors", "--model", str(model_dir)]) == 0

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import make_prepared
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from bench.common import make_prepared
 from flows.pipeline import mlflow_run, summary_markdown
 from fluxfill import Editor, registry
 from fluxfill.cli import main
@@ -95,7 +95,7 @@ def repo(trained, monkeypatch):
 
 def test_finished_training_registers_a_tagged_version(repo):
     spec = ModelSpec.model_validate_json((repo["root"] / "models" / "fluxfill_model.json").read_text())
-    assert (spec.model.preset, spec.panel_size, spec.fusion.mode, spec.lora.rank, spec.eval) == ("tiny", 64, "pooled", 16, None)
+    assert (spec.model.preset, spec.panel_size, spec.fusion.mode, spec.lora.rank, spec.eval) == ("tiny", 64, "learned", 16, None)
     assert spec.prompt == repo["params"].data.prompt_template.format(instruction=repo["params"].data.instruction)
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions(f"name = '{NAME}'")
@@ -103,7 +103,7 @@ def test_finished_training_registers_a_tagged_version(repo):
     assert {k: version.tags.get(k) for k in ("git.commit", "git.dirty", "dvc.data.prepared", "dvc.data.latents",
                                              "prefect.flow_run_id", "fusion.mode", "preset", "fluxfill.version")} == {
         "git.commit": repo["commit"], "git.dirty": "false", "dvc.data.prepared": "aaa111.dir", "dvc.data.latents": "bbb222.dir",
-        "prefect.flow_run_id": "flow-run-1234", "fusion.mode": "pooled", "preset": "tiny", "fluxfill.version": "0.1.0"}
+        "prefect.flow_run_id": "flow-run-1234", "fusion.mode": "learned", "preset": "tiny", "fluxfill.version": "0.1.0"}
     assert version.description == f"tiny LoRA + fusion (pooled) of run {repo['run_id']}"
     # the version carries everything to rebuild the pipeline, the run's eval settings included
     folder, description = registry.download_model(f"models:/{NAME}/1", repo["params"].tracking, repo["root"] / "dl")

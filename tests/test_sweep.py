@@ -16,7 +16,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_flows import _artifacts, _copy_repo, harness  # noqa: F401  (harness: the session's Prefect server)
+from conftest import _copy_repo
+from test_flows import _artifacts, harness  # noqa: F401  (harness: the session's Prefect server)
 
 from flows import workspace
 from fluxfill import cli, tracking

@@ -16,12 +16,12 @@ import mlflow
 import pytest
 import torch
 import yaml
+from helpers import make_prepared
 from safetensors.torch import load_file
 
-from bench.common import make_prepared
 from fluxfill import tracking
 from fluxfill.config import FluxfillError, validate
-from fluxfill.data import data_version
+from fluxfill.data import dvc_md5
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.train import NonFiniteLoss, train
@@ -102,7 +102,7 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == list(range(1, 25))
     history = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "val_loss"))
     assert [s for s, _ in history] == [0, 10, 20, 24] and history[-1][1] == pytest.approx(vals[24], rel=1e-5)
-    assert run.data.tags["fluxfill.models_md5"] == data_version("models")  # what DVC records for the output
+    assert run.data.tags["fluxfill.models_md5"] == dvc_md5(Path("models"))  # what DVC records for the output
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
 
