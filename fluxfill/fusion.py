@@ -28,8 +28,10 @@ class SemanticFusion(nn.Module):
             raise ValueError(f"fusion init {init}: alpha at step 0 must lie strictly inside (0, 1)")
         self.mode, self.pooled_dim, self.image_embed_dim = mode, pooled_dim, image_embed_dim
         if mode == "pooled":
-            self.theta = nn.Parameter(torch.tensor(math.log(init / (1.0 - init))))
+            # [1], not 0-d: FSDP2 shards parameters along dim 0. Files keep θ 0-d (save, _theta_from_file)
+            self.theta = nn.Parameter(torch.full((1,), math.log(init / (1.0 - init))))
             self.proj = nn.Linear(image_embed_dim, pooled_dim)
+        self.register_load_state_dict_pre_hook(_theta_from_file)
 
     @classmethod
     def from_config(cls, cfg: FusionConfig, pooled_dim: int, image_embed_dim: int) -> SemanticFusion:
@@ -42,7 +44,7 @@ class SemanticFusion(nn.Module):
     @property
     def alpha(self) -> torch.Tensor | None:
         """α = sigmoid(θ) as a 0-d tensor (in the graph), or None for ``mode: none``."""
-        return torch.sigmoid(self.theta) if self.enabled else None
+        return torch.sigmoid(self.theta).reshape(()) if self.enabled else None  # [1] -> []
 
     def forward(self, pooled_text: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, P] (+ [B, E]) -> [B, P]``: the fused pooled embedding."""
@@ -56,6 +58,8 @@ class SemanticFusion(nn.Module):
 
     def save(self, path) -> None:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        if "theta" in tensors:
+            tensors["theta"] = tensors["theta"].reshape(())  # the file format: θ as a 0-d tensor
         meta = {"mode": self.mode, "pooled_dim": self.pooled_dim, "image_embed_dim": self.image_embed_dim}
         if self.enabled:
             meta["alpha"] = round(float(self.alpha.detach()), 6)
@@ -74,3 +78,10 @@ class SemanticFusion(nn.Module):
         state = {k: v for k, v in load_file(str(path)).items() if k != "_empty"}
         module.load_state_dict(state)
         return module
+
+
+def _theta_from_file(module, state_dict, prefix, *args) -> None:
+    """Accept θ stored 0-d (fusion files) for the [1]-shaped parameter."""
+    key = prefix + "theta"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
