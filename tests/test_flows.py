@@ -317,7 +317,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
 
         _wait_for(served, 120, "python -m flows.serve did not create train-diptych/local", [serve_log])
 
-        overrides = {**SMALL, "fusion.init": 0.3}
+        overrides = {**SMALL, "fusion.init": 0.3, "train.num_processes": 2}  # training: 2 gloo workers
         run = subprocess.run(
             [str(bindir / "prefect"), "deployment", "run", "train-diptych/local", "-p",
              f"overrides={json.dumps(overrides)}", "-p", "run_name=ci-served", "--watch", "--watch-timeout", "600"],
@@ -330,6 +330,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         # the overrides are in params.yaml and dvc.lock; `dvc repro` has nothing left to do
         params = load_params(repo / "params.yaml")
         assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (2, 0.3, "ci-served")
+        assert params.train.num_processes == 2
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
                                 capture_output=True, text=True, check=True)
         assert json.loads(status.stdout) == {}
@@ -345,6 +346,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"
         assert mlrun.data.params["train.max_steps"] == "2" and mlrun.data.params["fusion.init"] == "0.3"
+        assert mlrun.data.tags["accelerate.world_size"] == "2" and mlrun.data.params["train.num_processes"] == "2"
         assert json.loads(mlrun.data.tags["fluxfill.overrides"])["fusion.init"] == 0.3
         history = client.get_metric_history(ref["run_id"], "fusion_weight")
         assert [m.step for m in history] == [1, 2] or len(history) == 2
