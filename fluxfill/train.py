@@ -262,8 +262,8 @@ def _refuse_another_split(params: Params, cache_meta: dict) -> None:
             f"{path.parent} holds step {state['step']} of this configuration at global batch {g} "
             f"({state['world_size']} processes x batch_size {state['batch_size']} x gradient_accumulation_steps "
             f"{state['gradient_accumulation_steps']}); {n} x {t.batch_size} x {a} = {global_batch(t)} would start "
-            f"another run. To continue it with {n} process{'es' if n > 1 else ''} set {keep}; to train at global batch {global_batch(t)} "
-            "instead, start over with --fresh")
+            f"another run. To continue it with {n} process{'es' if n > 1 else ''} set {keep}; to train at global "
+            f"batch {global_batch(t)} instead, start over with --fresh")
 
 
 def _register_state_hooks(accelerator) -> None:

@@ -57,11 +57,12 @@ def raw_params(root: Path, db: Path | None = None, **train) -> dict:
             "tracking": {"tracking_uri": f"sqlite:///{db or root / 'mlflow.db'}"}}
 
 
-def fluxfill_train(workdir: Path, raw: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def fluxfill_train(workdir: Path, raw: dict, *args: str, env: dict | None = None,
+                   launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
     """`fluxfill train <args>` in ``workdir`` with ``raw`` as its params.yaml, as a user runs it."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
-    return subprocess.run([sys.executable, "-m", "fluxfill.cli", "train", *args], cwd=workdir, capture_output=True,
+    return subprocess.run([*launcher, "-m", "fluxfill.cli", "train", *args], cwd=workdir, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -178,8 +179,10 @@ def test_failing_rank_stops_all_and_resume_is_exact_or_keeps_the_global_batch(la
     errors = relative_errors(weights(other), reference)
     assert errors["lora"] <= TOLERANCE["lora"] and errors["fusion"] <= TOLERANCE["fusion"], errors
 
-    # the same world size: exact
-    run = fluxfill_train(work, raw)
+    # the same world size: exact; started by hand with accelerate's launcher (detected: no second launch)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    run = fluxfill_train(work, raw, launcher=(accelerate, "launch", "--multi_gpu", "--num_processes", "2",
+                                              "--main_process_port", "0"))
     assert run.returncode == 0 and "(resumed from step 2)" in run.stdout, run.stderr[-4000:]
     resumed = weights(work)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
