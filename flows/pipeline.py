@@ -30,7 +30,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
-from fluxfill.tracking import RUN_REF_FILE, read_run_ref
+from fluxfill.tracking import read_run_ref, ui_url
 
 from . import workspace
 from .workspace import StageFailed, StageRun
@@ -121,13 +121,13 @@ def encode_latents(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 @flow(name="train")
 def train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``train``: LoRA + fusion weight in models/, metrics/train.json, an MLflow run."""
+    """DVC stage ``train``: LoRA + fusion weight in train.output, the training metrics, an MLflow run."""
     return _stage_flow("train", overrides)
 
 
 @flow(name="evaluate")
 def evaluate(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``evaluate``: metrics/eval.json and sample panels in eval/."""
+    """DVC stage ``evaluate``: the evaluation metrics and sample panels in eval.output."""
     return _stage_flow("evaluate", overrides)
 
 
@@ -148,13 +148,13 @@ def mlflow_ui_url(info: dict[str, Any]) -> str | None:
     uri = info["tracking_uri"]
     if not uri.startswith(("http://", "https://")):
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    return ui_url(uri, info["experiment_id"], info["run_id"])
 
 
 def _mlflow_ui_hint(info: dict[str, Any]) -> str:
     """How to see a run kept in a local database (sqlite, files): there is no URL until ``mlflow ui`` runs."""
     return (f"`mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1`, then open "
-            f"http://127.0.0.1:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}")
+            + ui_url("http://127.0.0.1:5000", info["experiment_id"], info["run_id"]))
 
 
 def summary_markdown(
@@ -282,7 +282,7 @@ def train_diptych(
         notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
 
     mlflow_info = None
-    ref = read_run_ref(root / params.train.output / RUN_REF_FILE)
+    ref = read_run_ref(root / params.train.output, root)
     if ref:
         trained = any(r.stage == "train" and r.status == "ran" for r in runs)
         tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
@@ -294,7 +294,7 @@ def train_diptych(
         if not trained:
             notes.append("training did not run in this flow run: the MLflow run is the earlier one")
     else:
-        notes.append(f"no {params.train.output}/{RUN_REF_FILE}: no MLflow run to link")
+        notes.append(f"no MLflow run is known for the weights in {params.train.output}/: no MLflow run to link")
 
     if run_name and save_experiment:
         try:

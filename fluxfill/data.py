@@ -49,12 +49,13 @@ import yaml
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from .artifacts import MANIFEST
 from .config import DataConfig, FluxfillError, repo_root
 from .panels import build_panels, fit_panel, to_rgb
+from .safety import check_outputs
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("id", "split", "prompt", "source", "target", "reference", "sha256", "file")
 INPUT_COLUMNS = ("source", "target", "reference", "prompt", "split")
 REQUIRED_COLUMNS = ("source", "target")
@@ -397,10 +398,32 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced whole: refuse when it holds anything but a manifest and the triptychs it lists."""
+    if not out.exists():
+        return
+    known = {MANIFEST}
+    try:
+        known |= {row["file"] for row in read_manifest(out)}
+    except (FluxfillError, OSError, KeyError, csv.Error):
+        pass
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+    foreign = [name for name in foreign if name not in known]
+    if foreign:
+        raise FluxfillError(
+            f"data.output {out} holds files `fluxfill prepare` did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}), which replacing it would delete; move them away or set "
+            "data.output to a folder of its own")
+
+
 def prepare(cfg: DataConfig) -> PrepareResult:
-    """Validate the inputs, then write every triptych and ``manifest.csv`` to ``cfg.output`` at once."""
+    """Validate the inputs, then write every triptych and ``manifest.csv`` to ``cfg.output`` at once.
+
+    The old ``cfg.output`` is replaced only when it holds nothing but what an earlier prepare wrote.
+    """
     samples = collect(cfg)
     out = Path(cfg.output)
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -489,6 +512,7 @@ def run(params, args) -> int:
         n_val = sum(s.split == "val" for s in samples)
         print(f"{len(samples)} samples ok ({len(samples) - n_val} train, {n_val} val) from data.source={cfg.source}")
         return 0
+    check_outputs(params, "prepare")
     result = prepare(cfg)
     print(
         f"prepared {result.count} triptychs of {3 * size}x{size} ({result.train} train, {result.val} val) "

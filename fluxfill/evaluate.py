@@ -15,10 +15,10 @@ infinity; SSIM on RGB uint8, 1 = identical):
 LPIPS is added (lpips, identity_lpips, base_lpips) only when torchvision and its pretrained AlexNet weights
 are already on this machine; otherwise a note says why it was skipped. Nothing is downloaded.
 
-Reads   models/lora/pytorch_lora_weights.safetensors, models/fusion.safetensors, models/mlflow_run.json
+Reads   models/lora/pytorch_lora_weights.safetensors, models/fusion.safetensors, data/prepared (val split)
 Writes  metrics/eval.json, eval/per_sample.csv, eval/samples/grid_000.png ... (one grid per batch of
         eval.batch_size: reference | source | generated | target), and logs the scores and grids to the MLflow
-        run of training (models/mlflow_run.json), or to a new run when there is none.
+        run that trained these weights (its reference is in .fluxfill/runs/), or to a new run when none is known.
 
 Examples:
   fluxfill evaluate
@@ -42,19 +42,29 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm.auto import tqdm
 
 from . import tracking
-from .config import FluxfillError, LoraConfig, Params
-from .encode import read_manifest
+from .artifacts import (
+    EVAL_METRICS,
+    EVAL_SAMPLES,
+    EVAL_TABLE,
+    LORA_DIR,
+    LORA_WEIGHTS,
+    MANIFEST,
+    damaged,
+    fusion_file,
+    reading,
+)
+from .config import FluxfillError, FusionConfig, LoraConfig, Params
+from .encode import load_triptychs, read_manifest
 from .fusion import SemanticFusion
 from .latents import encode_prompts, encode_references
 from .models import best_device, load_component, load_pipeline, resolve_dtype
 from .objective import fused_pooled
-from .panels import Panels, panels_from_triptych
+from .panels import Panels
+from .safety import check_outputs
 
 log = logging.getLogger(__name__)
 
 PSNR_CAP = 100.0  # dB: the PSNR of identical images (infinite) is reported as this
-METRICS_FILE = Path("metrics") / "eval.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 GRID_LABELS = ("reference", "source", "generated", "target")
 SYSTEMS = {"": "generated", "identity_": "source", "base_": "base"}  # metric prefix -> which answer is scored
 
@@ -192,7 +202,8 @@ def sample_grid(rows: Sequence[tuple[Image.Image, Image.Image, Image.Image, Imag
 
 # -------------------------------------------------------------------------------------------------- loading
 def check_lora(path: Path, lora_cfg: LoraConfig) -> Path:
-    """The LoRA file in ``path``; refuses one whose scale diffusers would get wrong.
+    """The LoRA file in ``path``; refuses a damaged one, one trained with other ``train.lora`` settings, and one
+    whose scale diffusers would get wrong.
 
     Without peft adapter metadata in the file, diffusers loads ``lora_alpha = rank`` (scale 1), so a LoRA trained
     with ``alpha != rank`` would be applied at the wrong strength.
@@ -202,9 +213,17 @@ def check_lora(path: Path, lora_cfg: LoraConfig) -> Path:
     file = path / LORA_WEIGHTS
     if not file.exists():
         raise FluxfillError(f"{file} not found: run `fluxfill train` (or `dvc repro train`) first")
-    with safe_open(str(file), "pt") as f:
-        has_metadata = "lora_adapter_metadata" in (f.metadata() or {})
-    if not has_metadata and lora_cfg.alpha != lora_cfg.rank:
+    with reading(file, "train", "LoRA file"):
+        with safe_open(str(file), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        meta = None if raw is None else json.loads(raw)
+    if meta is not None:
+        saved = {"rank": meta.get("transformer.r"), "alpha": meta.get("transformer.lora_alpha"),
+                 "target_modules": sorted(meta.get("transformer.target_modules") or [])}
+        wanted = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_modules": sorted(lora_cfg.target_modules)}
+        if diff := [f"train.lora.{k} {saved[k]!r} (params: {wanted[k]!r})" for k in saved if saved[k] != wanted[k]]:
+            raise damaged(file, "a LoRA trained with other settings: " + ", ".join(diff), "train")
+    if meta is None and lora_cfg.alpha != lora_cfg.rank:
         raise FluxfillError(
             f"{file} has no LoRA adapter metadata and train.lora.alpha ({lora_cfg.alpha}) != rank ({lora_cfg.rank}): "
             "diffusers would load it at scale 1 instead of alpha/rank. Re-save it with "
@@ -213,17 +232,27 @@ def check_lora(path: Path, lora_cfg: LoraConfig) -> Path:
     return file
 
 
+def load_fusion(path: Path, cfg: FusionConfig) -> SemanticFusion:
+    """The trained fusion module; a damaged file, or one trained with another ``fusion.mode``, is refused."""
+    if not path.exists():
+        raise FluxfillError(f"{path} not found: run `fluxfill train` (or `dvc repro train`) first")
+    with reading(path, "train", "fusion file"):
+        fusion = SemanticFusion.load(path)
+    if fusion.mode != cfg.mode:
+        raise damaged(path, f"a fusion module trained with fusion.mode {fusion.mode!r} (params: {cfg.mode!r})", "train")
+    return fusion
+
+
 def _val_samples(params: Params) -> tuple[pd.DataFrame, list[Panels]]:
     prepared = Path(params.data.output)
     df = read_manifest(prepared)
     val = df[df["split"] == "val"]
     if val.empty:
-        raise FluxfillError(f"{prepared / 'manifest.csv'} has no 'val' samples: set data.val_fraction > 0 "
+        raise FluxfillError(f"{prepared / MANIFEST} has no 'val' samples: set data.val_fraction > 0 "
                             "and re-run `fluxfill prepare`")
     if params.eval.max_samples:
         val = val.head(params.eval.max_samples)
-    panels = [panels_from_triptych(Image.open(prepared / f)) for f in val["file"]]
-    return val.reset_index(drop=True), panels
+    return val.reset_index(drop=True), load_triptychs(prepared, val)
 
 
 # --------------------------------------------------------------------------------------------------- MLflow
@@ -276,17 +305,16 @@ def training_sample_grid(params: Params, transformer, fusion: SemanticFusion, ma
 def evaluate(params: Params, device: str | None = None) -> dict:
     """Run the whole evaluation stage; returns ``{"metrics": ..., "per_sample": DataFrame, "grids": [...], "run_id"}``."""
     models = Path(params.train.output)
-    lora_file = check_lora(models / "lora", params.train.lora)
-    fusion_file = models / "fusion.safetensors"
-    if not fusion_file.exists():
-        raise FluxfillError(f"{fusion_file} not found: run `fluxfill train` (or `dvc repro train`) first")
+    lora_file = check_lora(models / LORA_DIR, params.train.lora)
+    fusion = load_fusion(fusion_file(models), params.fusion)
+    run_ref = tracking.read_run_ref(models)  # before the long part: a damaged reference fails now
     val, panels = _val_samples(params)
     prompts = list(val["prompt"])
 
     dev = best_device(device or "auto")
     dtype = resolve_dtype(params.model.dtype, dev)
     pipe = load_pipeline(params.model, dev, dtype)
-    fusion = SemanticFusion.load(fusion_file).to(dev)
+    fusion = fusion.to(dev)
     image_encoder = image_processor = None
     if fusion.enabled:
         image_encoder = load_component(params.model, "image_encoder", dev, dtype)
@@ -296,7 +324,8 @@ def evaluate(params: Params, device: str | None = None) -> dict:
                   max_sequence_length=params.model.max_sequence_length, batch_size=e.batch_size)
     # base first, then the LoRA goes into the same transformer: one pipeline, no unloading
     base = generate(pipe, None, panels, prompts, desc="evaluate base", **common)
-    pipe.load_lora_weights(str(lora_file.parent))
+    with reading(lora_file, "train", "LoRA file"):
+        pipe.load_lora_weights(str(lora_file.parent))
     generated = generate(pipe, fusion, panels, prompts, image_encoder=image_encoder,
                          image_processor=image_processor, desc="evaluate trained", **common)
 
@@ -318,7 +347,7 @@ def evaluate(params: Params, device: str | None = None) -> dict:
     metrics["num_samples"] = len(per_sample)
 
     out = Path(e.output)
-    samples = out / "samples"
+    samples = out / EVAL_SAMPLES
     samples.mkdir(parents=True, exist_ok=True)
     for stale in samples.glob("grid_*.png"):
         stale.unlink()
@@ -328,13 +357,12 @@ def evaluate(params: Params, device: str | None = None) -> dict:
         grid = sample_grid([(panels[k].reference, panels[k].source, generated[k], panels[k].target) for k in chunk])
         grid.save(samples / f"grid_{i:03d}.png")
         grids.append(grid)
-    per_sample_file = out / "per_sample.csv"
+    per_sample_file = out / EVAL_TABLE
     per_sample.to_csv(per_sample_file, index=False, float_format="%.6f")
-    METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_file = Path(EVAL_METRICS)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    ref_file = models / "mlflow_run.json"
-    run_ref = json.loads(ref_file.read_text()) if ref_file.exists() else None
     run_id = _log_to_mlflow(params, metrics, grids, per_sample_file, run_ref)
     return {"metrics": metrics, "per_sample": per_sample, "grids": grids, "run_id": run_id}
 
@@ -344,10 +372,11 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "evaluate")
     result = evaluate(params, device=args.device)
     m = result["metrics"]
     print(f"evaluate: {m['num_samples']} val samples | trained psnr {m['psnr']:.2f} dB ssim {m['ssim']:.4f} | "
           f"identity psnr {m['identity_psnr']:.2f} ssim {m['identity_ssim']:.4f} | "
           f"base psnr {m['base_psnr']:.2f} ssim {m['base_ssim']:.4f}")
-    print(f"  -> {METRICS_FILE}, {Path(params.eval.output) / 'samples'}, MLflow run {result['run_id']}")
+    print(f"  -> {EVAL_METRICS}, {Path(params.eval.output) / EVAL_SAMPLES}, MLflow run {result['run_id']}")
     return 0

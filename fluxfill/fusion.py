@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import FluxfillError, FusionConfig
+from .config import FusionConfig
 
 
 class SemanticFusion(nn.Module):
@@ -73,7 +73,7 @@ class SemanticFusion(nn.Module):
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("fluxfill.fusion", "{}"))
         if "mode" not in meta:
-            raise FluxfillError(f"{path}: not a fluxfill fusion file (no 'mode' in its metadata)")
+            raise ValueError("not a fluxfill fusion file (no 'mode' in its metadata)")
         module = cls(meta["mode"], int(meta["pooled_dim"]), int(meta["image_embed_dim"]))
         state = {k: v for k, v in load_file(str(path)).items() if k != "_empty"}
         module.load_state_dict(state)

@@ -10,17 +10,21 @@ The global batch of one optimizer step is num_processes x batch_size x gradient_
 which samples, and each sample's sigma and noise, depend only on (seed, step, position in the global batch),
 so N processes with batch b train the model 1 process with batch N*b trains, up to float reduction order.
 
-Outputs (DVC outs): models/lora/pytorch_lora_weights.safetensors (diffusers format, loads with
-FluxFillPipeline.load_lora_weights), models/fusion.safetensors, models/mlflow_run.json, metrics/train.json,
-plots/train.csv (step,loss,fusion_weight,lr).
+Outputs (DVC outs, byte-identical for identical runs): models/lora/pytorch_lora_weights.safetensors (diffusers
+format, loads with FluxFillPipeline.load_lora_weights), models/fusion.safetensors, metrics/train.json (final loss,
+fusion weight, steps), plots/train.csv (step,loss,fusion_weight,lr: one row per step, whatever train.log_every).
+Timings and memory go to MLflow and to .fluxfill/train_timing.json; the MLflow run to .fluxfill/runs/ (not outs).
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
-checkpoints/<config hash>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run restarted
-with the same config resumes from its latest checkpoint and continues the same MLflow run; the data order
-and the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on
-the CPU. The fingerprint holds the global batch, not its split: a run resumes with another number of processes
-when the global batch stays the same, and is refused (naming what to set) when it would change. Ctrl-C writes a
-checkpoint before exiting (one process); a non-finite loss stops the run, keeping the last good one.
+checkpoints/<fingerprint>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run resumes only
+a checkpoint it would have written itself (:func:`config_fingerprint`, :func:`resumable`); the data order and
+the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on the
+CPU. It continues the checkpoint's MLflow run only when that run is unfinished and had the same max_steps,
+else it starts a new one; a configuration that finished, with its outputs in place, is not trained again
+(checkpoints/<fingerprint>/finished-<max_steps>.json records them). The fingerprint holds the global batch, not
+its split: a run resumes with another number of processes when the global batch stays the same, and is refused
+(naming what to set) when it would change. Ctrl-C writes a checkpoint before exiting (one process); a non-finite
+loss stops the run, keeping the last good one.
 """
 
 from __future__ import annotations
@@ -35,13 +39,27 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, tracking
+from . import distributed, safety, sources, tracking
+from .artifacts import (
+    CHECKPOINT_LORA,
+    CHECKPOINT_STATE,
+    FUSION_FILE,
+    LORA_DIR,
+    TRAIN_METRICS,
+    TRAIN_PLOT,
+    TRAIN_TIMING,
+    canonical,
+    canonical_safetensors_header,
+    damaged,
+    lora_weights,
+    reading,
+)
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
 from .fusion import SemanticFusion
@@ -49,13 +67,14 @@ from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
 
 log = logging.getLogger(__name__)
-LORA_DIR, FUSION_FILE, RUN_REF = "lora", "fusion.safetensors", "mlflow_run.json"
-METRICS_FILE, PLOT_FILE = Path("metrics/train.json"), Path("plots/train.csv")
-# settings that do not change the trained weights (so a restart with new values still resumes)
-_NOT_IN_FINGERPRINT = {"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
-                       "keep_checkpoints", "num_workers",
-                       # how the global batch is split over processes and micro-batches: the fingerprint has its size
-                       "num_processes", "batch_size", "gradient_accumulation_steps"}
+# train.* settings that do not change the trained weights, left out of the checkpoint fingerprint (a restart with
+# new values still resumes); a new setting of that kind goes here
+NOT_IN_FINGERPRINT = frozenset({"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
+                                "keep_checkpoints", "num_workers",
+                                # how the global batch is split over processes and micro-batches: the
+                                # fingerprint holds its size (global_batch), the same weights for any split
+                                "num_processes", "batch_size", "gradient_accumulation_steps"})
+UNFINISHED = {"RUNNING", "KILLED", "FAILED"}  # MLflow run states a resumed run may continue
 
 
 class NonFiniteLoss(FluxfillError):
@@ -63,17 +82,33 @@ class NonFiniteLoss(FluxfillError):
 
 
 def global_batch(t) -> int:
+    """Samples per optimizer step: num_processes x batch_size x gradient_accumulation_steps."""
     return t.num_processes * t.batch_size * t.gradient_accumulation_steps
 
 
-def config_fingerprint(params: Params, cache_meta: dict, with_batch: bool = True) -> str:
-    train = {k: v for k, v in params.train.model_dump().items() if k not in _NOT_IN_FINGERPRINT}
+def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code: str | None = None,
+                       with_batch: bool = True) -> str:
+    """What the weights at each step are a function of; checkpoints live in ``<checkpoint_dir>/<fingerprint>``.
+
+    - every model, fusion and train setting except :data:`NOT_IN_FINGERPRINT`, and the global batch (without it
+      with ``with_batch=False``: the configuration whatever its batch, to find checkpoints of another split);
+    - the latent cache (its whole ``meta.json``: settings, code version, manifest hash, samples);
+    - the code: :func:`fluxfill.sources.module_digest` of this module, i.e. every fluxfill file training imports;
+    - the device kind, which resolves the ``auto`` settings (precision, compile).
+
+    ``train.max_steps`` is left out only with the constant schedule (with or without warm-up): its learning
+    rate at step s does not depend on the run length, so the weights at step s are the same for every
+    max_steps >= s, and a checkpoint at step s is exactly what a run of any max_steps >= s would have written
+    (:func:`resumable` checks the step). A decaying schedule (linear, cosine) sets the learning rate of every
+    step from max_steps, so there max_steps is part of the fingerprint.
+    """
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_IN_FINGERPRINT}
     if with_batch:
         train["global_batch"] = global_batch(params.train)
-    if params.train.lr_scheduler == "constant" and params.train.warmup_steps == 0:
-        train.pop("max_steps")  # a constant schedule does not depend on the run length: extending resumes
+    if params.train.lr_scheduler == "constant":
+        train.pop("max_steps")
     blob = {"model": params.model.model_dump(), "fusion": params.fusion.model_dump(), "train": train,
-            "cache": {k: cache_meta.get(k) for k in ("manifest_sha256", "code_version", "preset", "panel_size")}}
+            "cache": cache_meta, "code": code or sources.module_digest("train"), "device": device_type}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -154,17 +189,84 @@ class TrainResult:
     samples_per_s: float
     run_id: str | None
     resumed_from: int
+    skipped: bool = False  # nothing ran: this configuration had finished and its outputs were in place
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    return sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+    return sorted(root.glob("checkpoint-*"), key=_step) if root.exists() else []
 
 
-def train(params: Params, stop_after: int | None = None) -> TrainResult:
-    """Run (or resume) training as configured; ``stop_after`` ends early after that many steps (tests)."""
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def resumable(ckpt_root: Path, max_steps: int) -> Path | None:
+    """The latest checkpoint of this fingerprint at a step <= ``max_steps``: the weights this run would have there.
+
+    A checkpoint past ``max_steps`` belongs to a longer run of the same trajectory (constant schedule) and is
+    kept for it.
+    """
+    usable = [c for c in _checkpoints(ckpt_root) if _step(c) <= max_steps]
+    return usable[-1] if usable else None
+
+
+def remove_checkpoints(ckpt_root: Path) -> list[Path]:
+    """``--fresh``: delete this fingerprint's checkpoints and finished records, nothing else; returns them."""
+    gone = [*_checkpoints(ckpt_root), *ckpt_root.glob(".tmp-checkpoint-*"), *ckpt_root.glob("finished-*.json")]
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with contextlib.suppress(OSError):
+        ckpt_root.rmdir()  # only when nothing else is left in it
+    return gone
+
+
+def _output_files(params: Params) -> list[Path]:
+    """Every file a finished run writes, in the order the finished record lists them."""
+    out = Path(params.train.output)
+    lora = sorted(f for f in (out / LORA_DIR).rglob("*") if f.is_file()) if (out / LORA_DIR).is_dir() else []
+    return [*lora, out / FUSION_FILE, Path(TRAIN_METRICS), Path(TRAIN_PLOT)]
+
+
+def _digests(files: list[Path]) -> dict[str, str] | None:
+    if not all(f.is_file() for f in files):
+        return None
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _finished_record(ckpt_root: Path, max_steps: int) -> Path:
+    return ckpt_root / f"finished-{max_steps:06d}.json"
+
+
+def already_trained(params: Params, ckpt_root: Path) -> TrainResult | None:
+    """The result of the finished run of this configuration when its outputs are still in place, byte for byte."""
+    record_file = _finished_record(ckpt_root, params.train.max_steps)
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        outputs, result = record["outputs"], record["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _digests(_output_files(params)) != outputs:
+        return None
+    return TrainResult(**{**result, "skipped": True})
+
+
+def _own_run(state: dict, max_steps: int) -> str | None:
+    """The checkpoint's MLflow run, if this run may continue it: same max_steps and not FINISHED (or gone)."""
+    run = tracking.find_run(state["run_id"]) if state.get("run_id") else None
+    if run is None or state.get("max_steps") != max_steps or run.info.status not in UNFINISHED:
+        return None
+    return run.info.run_id
+
+
+def train(params: Params, stop_after: int | None = None, fresh: bool = False) -> TrainResult:
+    """Run (or resume) training as configured; ``stop_after`` ends early after that many steps (tests).
+
+    ``fresh`` deletes this configuration's checkpoints first. When this configuration finished before and its
+    outputs are unchanged, nothing runs: the result says ``skipped``.
+    """
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
 
     from accelerate import Accelerator
 
@@ -180,12 +282,74 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
     t = params.train
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(t.seed)
-    ckpt_root = Path(t.checkpoint_dir) / config_fingerprint(params, cache.meta)
-    if not _checkpoints(ckpt_root):
-        _refuse_another_split(params, cache.meta)
+    fingerprint = config_fingerprint(params, cache.meta, device.type)
+    ckpt_root = Path(t.checkpoint_dir) / fingerprint
+    if main:  # fail fast on an unreachable tracking server, before anything is deleted or loaded
+        tracking.setup(params.tracking)
+    if fresh and main:
+        for gone in remove_checkpoints(ckpt_root):
+            log.info("--fresh: removed %s", gone)
+    accelerator.wait_for_everyone()
+    if (done := already_trained(params, ckpt_root)) is not None:
+        return done
+    if not fresh and resumable(ckpt_root, t.max_steps) is None:
+        _refuse_another_split(params, cache.meta, device.type)
 
-    if main:  # fail fast on an unreachable tracking server, before any model is loaded
-        tracking.check_reachable(tracking.tracking_uri(params.tracking))
+    transformer, fusion, optimizer, scheduler = _build(params, accelerator, cache, mixed)
+    start, history, run_id, resumed_run = 0, [], None, None
+    if ckpt := resumable(ckpt_root, t.max_steps):
+        state = _load_checkpoint(accelerator, ckpt)
+        start, history, resumed_run = state["step"], state["history"], state.get("run_id")
+        run_id = _own_run(state, t.max_steps) if main else None
+        log.info("resuming from %s (step %d) %s", ckpt, start,
+                 f"in MLflow run {run_id}" if run_id else f"in a new MLflow run (run {resumed_run} is finished or "
+                 "was started with another train.max_steps)")
+
+    accum = t.gradient_accumulation_steps
+    sampler = StepSampler(len(cache), t.batch_size, t.seed, start=start * accum, total=t.max_steps * accum,
+                          accum=accum, world=accelerator.num_processes, rank=accelerator.process_index)
+    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=cache.collate,
+                                         num_workers=t.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=t.num_workers > 0)
+
+    tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed,
+            "accelerate.distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "fluxfill.fingerprint": fingerprint}
+    split = {"family": config_fingerprint(params, cache.meta, device.type, with_batch=False),
+             "world_size": t.num_processes, "batch_size": t.batch_size, "gradient_accumulation_steps": accum,
+             "global_batch": global_batch(t)}
+    if start and run_id is None:
+        tags |= {"fluxfill.resumed_from_step": str(start), "fluxfill.resumed_from_run": str(resumed_run)}
+    new_run = main and run_id is None
+    name = params.tracking.run_name or (
+        tracking.default_run_name(params, f"{t.max_steps}steps", fingerprint[:6]) if new_run else None)
+    run_ctx = tracking.start_run(params, run_name=name, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
+    with run_ctx as run:
+        run_id = run.info.run_id if run else None
+        if new_run and history:  # a new run from a checkpoint: the steps before it, so its curves are whole
+            tracking.log_history(history)
+        result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
+                       start, run_id, history, stop_after, split)
+        if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
+            if main:
+                tracking.end_run_unfinished()
+            return result
+        accelerator.wait_for_everyone()
+        _write_outputs(params, accelerator, transformer, fusion, run, history, result)  # every rank: FSDP gathers
+        if main:
+            record = {"outputs": _digests(_output_files(params)), "result": asdict(result)}
+            _finished_record(ckpt_root, t.max_steps).parent.mkdir(parents=True, exist_ok=True)
+            _finished_record(ckpt_root, t.max_steps).write_text(json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
+    """The transformer with LoRA, the fusion module, optimizer and schedule, prepared by accelerate, with the
+    checkpoint hooks that save only the trainable weights."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    t, device = params.train, accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
     if params.model.dtype != "auto":
         weight_dtype = resolve_dtype(params.model.dtype, device)
@@ -211,59 +375,7 @@ def train(params: Params, stop_after: int | None = None) -> TrainResult:
                       *accelerator.unwrap_model(transformer).single_transformer_blocks):
             block.compile()
     _register_state_hooks(accelerator)
-
-    start, run_id, history = 0, None, []
-    if ckpt := (_checkpoints(ckpt_root) or [None])[-1]:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "fluxfill_state.json").read_text())
-        start, run_id, history = state["step"], state["run_id"], state["history"]
-        log.info("resuming from %s (step %d, MLflow run %s)", ckpt, start, run_id)
-
-    accum = t.gradient_accumulation_steps
-    sampler = StepSampler(len(cache), t.batch_size, t.seed, start=start * accum, total=t.max_steps * accum,
-                          accum=accum, world=accelerator.num_processes, rank=accelerator.process_index)
-    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=cache.collate,
-                                         num_workers=t.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=t.num_workers > 0)
-
-    tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed,
-            "accelerate.distributed_type": str(accelerator.distributed_type).split(".")[-1]}
-    split = {"family": config_fingerprint(params, cache.meta, with_batch=False), "world_size": t.num_processes,
-             "batch_size": t.batch_size, "gradient_accumulation_steps": accum, "global_batch": global_batch(t)}
-    run_ctx = tracking.start_run(params, run_id=run_id, tags=tags) if main else contextlib.nullcontext()
-    with run_ctx as run:
-        run_id = run.info.run_id if run else None
-        result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after, split)
-        if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
-            return result
-        accelerator.wait_for_everyone()
-        _write_outputs(params, accelerator, transformer, fusion, run, history, result)
-    return result
-
-
-def _refuse_another_split(params: Params, cache_meta: dict) -> None:
-    """Refuse to start over when this configuration has checkpoints from another number of processes whose
-    global batch differs from this run's: resuming them needs the same global batch, starting over loses them."""
-    t = params.train
-    family = config_fingerprint(params, cache_meta, with_batch=False)
-    for path in sorted(Path(t.checkpoint_dir).glob("*/checkpoint-*/fluxfill_state.json")):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if state.get("family") != family or state.get("world_size") == t.num_processes:
-            continue
-        g, n, a = state["global_batch"], t.num_processes, t.gradient_accumulation_steps
-        keep = (f"train.batch_size={g // (n * a)}" if g % (n * a) == 0 else
-                f"train.gradient_accumulation_steps={g // (n * t.batch_size)}" if g % (n * t.batch_size) == 0 else
-                f"train.num_processes={state['world_size']}")
-        raise FluxfillError(
-            f"{path.parent} holds step {state['step']} of this configuration at global batch {g} "
-            f"({state['world_size']} processes x batch_size {state['batch_size']} x gradient_accumulation_steps "
-            f"{state['gradient_accumulation_steps']}); {n} x {t.batch_size} x {a} = {global_batch(t)} would start "
-            f"another run. To continue it with {n} process{'es' if n > 1 else ''} set {keep}; to train at global "
-            f"batch {global_batch(t)} instead, start over with --fresh")
+    return transformer, fusion, optimizer, scheduler
 
 
 def _register_state_hooks(accelerator) -> None:
@@ -272,7 +384,7 @@ def _register_state_hooks(accelerator) -> None:
 
     def path(folder, model) -> Path:
         return Path(folder) / (FUSION_FILE if isinstance(accelerator.unwrap_model(model), SemanticFusion)
-                               else "lora.safetensors")
+                               else CHECKPOINT_LORA)
 
     def save_hook(models, weights, output_dir):
         for m in models:
@@ -290,40 +402,71 @@ def _register_state_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _write_outputs(params: Params, accelerator, transformer, fusion, run, history, result: TrainResult) -> None:
-    """models/ (diffusers-format LoRA, fusion, run reference), metrics, plot and the final sample grid.
+def _refuse_another_split(params: Params, cache_meta: dict, device_type: str) -> None:
+    """Refuse to start over when this configuration has checkpoints from another number of processes whose
+    global batch differs from this run's: resuming them needs the same global batch (``--fresh`` starts over)."""
+    t = params.train
+    family = config_fingerprint(params, cache_meta, device_type, with_batch=False)
+    for path in sorted(Path(t.checkpoint_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STATE}")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("family") != family or state.get("world_size") == t.num_processes:
+            continue
+        g, n, a = state["global_batch"], t.num_processes, t.gradient_accumulation_steps
+        keep = (f"train.batch_size={g // (n * a)}" if g % (n * a) == 0 else
+                f"train.gradient_accumulation_steps={g // (n * t.batch_size)}" if g % (n * t.batch_size) == 0 else
+                f"train.num_processes={state['world_size']}")
+        raise FluxfillError(
+            f"{path.parent} holds step {state['step']} of this configuration at global batch {g} "
+            f"({state['world_size']} processes x batch_size {state['batch_size']} x gradient_accumulation_steps "
+            f"{state['gradient_accumulation_steps']}); {n} x {t.batch_size} x {a} = {global_batch(t)} would start "
+            f"another run. To continue it with {n} process{'es' if n > 1 else ''} set {keep}; to train at global "
+            f"batch {global_batch(t)} instead, start over with --fresh")
 
-    Every rank calls it (FSDP gathers the shards); the main process writes and logs.
+
+def _write_outputs(params: Params, accelerator, transformer, fusion, run, history, result: TrainResult) -> None:
+    """LoRA, fusion, run reference, metrics and plot of a finished run; only these files are replaced.
+
+    Every rank calls it (FSDP gathers the shards and generates the sample grid on all ranks); the main process
+    writes and logs.
     """
     import mlflow
     from diffusers import FluxFillPipeline
     from peft.utils import get_peft_model_state_dict
 
-    main = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(transformer)
     trainable = distributed.trainable_state_dict(unwrapped)
     fusion_module = _full_fusion(accelerator.unwrap_model(fusion))
     out_dir = Path(params.train.output)
-    if main:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
+            shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
         # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
         FluxFillPipeline.save_lora_weights(
             out_dir / LORA_DIR, safe_serialization=True,
             transformer_lora_layers=get_peft_model_state_dict(unwrapped, state_dict=trainable),
-            transformer_lora_adapter_metadata=unwrapped.peft_config["default"].to_dict())
+            transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
+        canonical_safetensors_header(lora_weights(out_dir))
         fusion_module.save(out_dir / FUSION_FILE)
-        tracking.write_run_ref(out_dir / RUN_REF, run)
-        _write_metrics(history, result, accelerator.device)
+        tracking.write_run_ref(run, out_dir)
+        _write_metrics(history, result)
+        _write_timing(result, accelerator.device)
     _log_samples(params, accelerator, transformer, fusion, result.steps)
-    if main:
+    if accelerator.is_main_process:
         mlflow.log_artifacts(str(out_dir), "model")
 
 
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
           history, stop_after, split: dict) -> TrainResult:
-    import mlflow
+    """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
+    The step's loss, gradient norm and α stay on the device until a log step (``train.log_every``), a checkpoint
+    or the end, where one host sync brings every pending step back: ``history`` (hence ``plots/train.csv``)
+    does not depend on ``log_every`` or ``checkpoint_every``.
+    """
     t = params.train
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
@@ -337,18 +480,19 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
         accelerator.wait_for_everyone()
         if not main:
             return
-        state = {"step": step, "run_id": run_id, "history": history, **split}
-        (tmp / "fluxfill_state.json").write_text(json.dumps(state))
+        state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history, **split}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
         final = ckpt_root / f"checkpoint-{step:06d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in _checkpoints(ckpt_root)[:-t.keep_checkpoints]:
+        # keep the newest ones up to this step; later ones belong to a longer run of the same trajectory
+        for old in [c for c in _checkpoints(ckpt_root) if _step(c) <= step][:-t.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     fusion_module = accelerator.unwrap_model(fusion)
     sampler = loader.batch_sampler
-    step, last_loss, window_t, window_samples = start, float("nan"), time.perf_counter(), 0
-    samples_per_s, losses = 0.0, []
+    step, window_t, window_samples = start, time.perf_counter(), 0
+    samples_per_s, losses, pending = 0.0, [], []
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
@@ -376,26 +520,21 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 continue
             step += 1
             bar.update(1)
+            pending.append(_pending_row(step, losses, grad_norm, fusion_module.alpha, scheduler.get_last_lr()[0],
+                                        device))
+            losses = []
             if step % t.log_every == 0 or step == end or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()  # the one host sync
-                losses.clear()
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good checkpoint is kept "
-                                        f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
-                last_loss = loss
+                rows = _flush(pending, accelerator, ckpt_root)  # the one host sync
+                pending.clear()
+                history.extend(rows)
                 now = time.perf_counter()
                 samples_per_s = window_samples / max(now - window_t, 1e-9)
                 window_t, window_samples = now, 0
-                alpha = _alpha(fusion_module)
-                row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": samples_per_s}
-                if alpha is not None:
-                    row["fusion_weight"] = alpha
-                history.append(row)
                 if main:
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step, synchronous=False)
-                    bar.set_postfix(loss=f"{loss:.4f}", alpha="-" if alpha is None else f"{alpha:.4f}",
-                                    sps=f"{samples_per_s:.1f}")
+                    _log_rows(rows, samples_per_s)
+                    last = rows[-1]
+                    alpha = last.get("fusion_weight", math.nan)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
@@ -405,13 +544,51 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             log.warning("interrupted at step %d: %d processes resume from the last periodic checkpoint", step, world)
             raise
         log.warning("interrupted at step %d: writing a checkpoint", step)
+        history.extend(_flush(pending, accelerator, ckpt_root) if pending else [])
         checkpoint(step)
         raise
     finally:
         bar.close()
     if step < t.max_steps:
         checkpoint(step)
+    last_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
+
+
+def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, alpha, lr: float, device) -> tuple:
+    """One optimizer step's values, still on the device: (step, lr, [loss, grad_norm(, α)])."""
+    values = [torch.stack(losses).float().mean(), torch.as_tensor(grad_norm, dtype=torch.float32, device=device)]
+    if alpha is not None:
+        values.append(alpha.detach().float())
+    return step, lr, torch.stack(values)  # [2] or [3]
+
+
+def _flush(pending: list[tuple], accelerator, ckpt_root: Path) -> list[dict]:
+    """The pending steps as history rows, with one host sync; a non-finite loss stops the run."""
+    values = torch.stack([v for _, _, v in pending])  # [K, 2|3]
+    losses = accelerator.reduce(values[:, 0].contiguous(), "mean")  # [K] the mean over processes
+    values = torch.cat([losses[:, None], values[:, 1:]], dim=1).tolist()  # [K, 2|3] on the host: the sync
+    rows = []
+    for (step, lr, _), v in zip(pending, values, strict=True):
+        if not math.isfinite(v[0]):
+            raise NonFiniteLoss(f"loss is {v[0]} at step {step}; stopped. The last good checkpoint is kept "
+                                f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
+        row = {"step": step, "loss": v[0], "lr": lr, "grad_norm": v[1]}
+        if len(v) == 3:
+            row["fusion_weight"] = v[2]
+        rows.append(row)
+    return rows
+
+
+def _log_rows(rows: list[dict], samples_per_s: float) -> None:
+    """Every step's loss, lr, grad_norm and α to MLflow (one batch), and the window's throughput."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, r["step"]) for r in rows for k, v in r.items() if k != "step"]
+    metrics.append(Metric("samples_per_s", samples_per_s, now, rows[-1]["step"]))
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics, synchronous=False)
 
 
 def _full_fusion(fusion: SemanticFusion) -> SemanticFusion:
@@ -437,18 +614,45 @@ def _peak_memory_mb(device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _write_metrics(history, result: TrainResult, device) -> None:
-    METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PLOT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps,
-               "samples_per_s": round(result.samples_per_s, 3),
-               "peak_memory_mb": round(_peak_memory_mb(device), 1)}
-    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+def _write_metrics(history: list[dict], result: TrainResult) -> None:
+    """The DVC metrics and plots of the run: values only, no timings, so identical runs write identical bytes."""
+    metrics_file, plot_file = Path(TRAIN_METRICS), Path(TRAIN_PLOT)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    plot_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps}
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     lines = ["step,loss,fusion_weight,lr"]
     for r in history:
         fw = "" if r.get("fusion_weight") is None else f"{r['fusion_weight']:.6f}"
         lines.append(f"{r['step']},{r['loss']:.6f},{fw},{r['lr']:.6g}")
-    PLOT_FILE.write_text("\n".join(lines) + "\n")
+    plot_file.write_text("\n".join(lines) + "\n")
+
+
+def _write_timing(result: TrainResult, device) -> None:
+    """Throughput and peak memory: to MLflow and to a git-ignored file, never into a DVC out."""
+    import mlflow
+
+    timing = {"steps": result.steps, "samples_per_s": round(result.samples_per_s, 3),
+              "peak_memory_mb": round(_peak_memory_mb(device), 1), "run_id": result.run_id}
+    mlflow.log_metric("peak_memory_mb", timing["peak_memory_mb"])
+    Path(TRAIN_TIMING).parent.mkdir(parents=True, exist_ok=True)
+    Path(TRAIN_TIMING).write_text(json.dumps(timing, indent=2) + "\n")
+
+
+def _load_checkpoint(accelerator, ckpt: Path) -> dict:
+    """Restore ``ckpt``; returns its state (step, run_id, max_steps, history). A damaged one is refused in one line."""
+    fix = f"delete the checkpoint (`rm -r {ckpt}`) to resume from the one before it, or start over with " \
+          "`fluxfill train --fresh`"
+    state_file = ckpt / CHECKPOINT_STATE
+    with reading(state_file, what="checkpoint state", fix=fix):
+        state = json.loads(state_file.read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("history"), list) or "run_id" not in state:
+        raise damaged(state_file, "a checkpoint state from another version of fluxfill (step, run_id and "
+                                  "history expected)", fix=fix)
+    with reading(ckpt, what="checkpoint", fix=fix):
+        accelerator.load_state(str(ckpt))
+    return state
 
 
 def _log_samples(params: Params, accelerator, transformer, fusion, step: int) -> None:
@@ -469,49 +673,44 @@ def _log_samples(params: Params, accelerator, transformer, fusion, step: int) ->
         tracking.log_image(grid, f"step_{step:06d}", folder="samples")
 
 
-def _main_process_first(world: int | None):
-    """Inside a launch: the main process runs the block first, the others wait (accelerate's own barrier)."""
-    if world is None:
-        return contextlib.nullcontext()
-    from accelerate import PartialState
-
-    return PartialState(cpu=distributed.use_cpu()).main_process_first()
+def add_arguments(parser) -> None:
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete this configuration's checkpoints (only those) and train from step 0")
 
 
 def _worker_argv(args) -> list[str]:
-    """The command line each worker runs: this one, without --fresh (done once, here)."""
+    """The command line each worker runs: this one (--fresh included: the main worker applies it)."""
     argv = ["-v"] if args.verbose else []
-    argv += ["train", *(["--params", args.params] if args.params else [])]
+    argv += ["train", *(["--params", args.params] if args.params else []), *(["--fresh"] if args.fresh else [])]
     return argv + [a for o in args.overrides for a in ("--set", o)]
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config and start over")
-
-
 def run(params: Params, args) -> int:
+    safety.check_outputs(params, "train")
     world = distributed.launched_world_size()
-    if args.fresh:
-        with _main_process_first(world):
-            if distributed.is_main_process():
-                shutil.rmtree(Path(params.train.checkpoint_dir), ignore_errors=True)
     try:
-        if world is None and params.train.num_processes > 1:  # start the workers; each runs this command again
-            distributed.launch(params.train.num_processes, _worker_argv(args))
-            return 0
-        if world is not None:
-            distributed.stop_on_sigterm()
-        try:
-            result = train(params)
-        except BaseException as e:
-            distributed.record_failure(e)
-            raise
+        with safety.training_lock():
+            if world is None and params.train.num_processes > 1:  # start the workers; each runs this command
+                distributed.launch(params.train.num_processes, _worker_argv(args))
+                return 0
+            if world is not None:
+                distributed.stop_on_sigterm()
+            try:
+                result = train(params, fresh=args.fresh)
+            except BaseException as e:
+                distributed.record_failure(e)
+                raise
     except KeyboardInterrupt:
         done = "a checkpoint was written" if (world or params.train.num_processes) == 1 else \
             "checkpoints are written every train.checkpoint_every steps"
         print(f"train: interrupted; {done}, run `fluxfill train` again to resume", file=sys.stderr)
         return 130
     if not distributed.is_main_process():
+        return 0
+    if result.skipped:
+        print(f"train: nothing to do: this configuration already finished {result.steps} steps in MLflow run "
+              f"{result.run_id}, and {params.train.output}/, {TRAIN_METRICS} and {TRAIN_PLOT} still hold its outputs; "
+              "`fluxfill train --fresh` trains it again")
         return 0
     alpha = "n/a (fusion.mode none)" if result.fusion_weight is None else f"{result.fusion_weight:.4f}"
     print(f"train: {result.steps} steps, loss {result.loss:.4f}, fusion weight {alpha}, "

@@ -15,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from bench.common import make_prepared
+from fluxfill import tracking
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.encode import LatentCache, encode
@@ -192,7 +193,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_cfg, monkeypatch, caplog):
     run_id = client.create_run(exp).info.run_id
     client.log_metric(run_id, "loss", 0.5)
     client.set_terminated(run_id)
-    (models / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "experiment_id": exp, "tracking_uri": uri}))
+    tracking.write_run_ref(client.get_run(run_id), models)
 
     caplog.set_level(logging.INFO, logger="fluxfill.evaluate")
     assert main(["evaluate", "--device", "cpu"]) == 0
