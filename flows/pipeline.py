@@ -29,6 +29,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from fluxfill import sweep
+from fluxfill.compare import format_runs
 from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
 from fluxfill.tracking import read_run_ref, ui_url
 
@@ -317,3 +319,48 @@ def _prefect_tags(flat: dict[str, Any]) -> dict[str, str]:
     if flow_run.ui_url:
         tags["prefect.flow_run_url"] = flow_run.ui_url
     return tags
+
+
+# ---------------------------------------------------------------------------------------------- sweep-diptych
+@flow(name="sweep-point", flow_run_name="{exp_name}")
+def sweep_point(root: str, sets: list[str], parent_id: str, index: int, values: dict[str, Any], exp_name: str,
+                baseline: str) -> dict[str, Any]:
+    """One point of a sweep: ``dvc exp run --temp`` (output streamed into the log), then its MLflow child run."""
+    logger = get_run_logger()
+    point = sweep.Point(index, values, exp_name)
+    return sweep.run_point(Path(root), sets, parent_id, point, baseline, logger.info).to_dict()
+
+
+def _point_subflow(root: Path, sets: list[str], parent_id: str, point: sweep.Point, baseline: str,
+                   emit) -> sweep.PointResult:
+    return sweep.PointResult(**sweep_point(str(root), sets, parent_id, point.index, point.values, point.exp_name,
+                                           baseline))
+
+
+@flow(name="sweep-diptych")
+def sweep_diptych(grid: dict[str, list[Any]], overrides: dict[str, Any] | None = None,
+                  name: str | None = None) -> dict[str, Any]:
+    """`fluxfill sweep` as a flow: the cartesian product of ``grid`` as DVC experiments, one sub-flow per point.
+
+    grid: dotted keys to lists of values, e.g. {"fusion.mode": ["none", "fixed", "learned"]}.
+    overrides: settings for every point, e.g. {"data.demo_task": "tint"} (not written to params.yaml).
+    name: the MLflow parent run's name and the DVC experiments' prefix (default: sweep-<date>-<time>).
+    Publishes the comparison table (artifacts sweep-table and sweep-summary).
+    """
+    logger = get_run_logger()
+    root = repo_root()
+    sets = [f"{k}={sweep._inline(v)}" for k, v in workspace.normalize_overrides(overrides).items()]
+    name = name or sweep.default_name()
+    grid = {str(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in (grid or {}).items()}
+    if not grid:
+        raise ConfigError("grid is empty: give at least one key and its values, e.g. {\"fusion.mode\": [\"none\", \"learned\"]}")
+    parent_id, table, results = sweep.sweep(root, grid, sets, name, logger.info, _point_subflow)
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}  # NaN is not JSON
+            for r in table.to_dict("records")]
+    create_table_artifact(rows, key="sweep-table", description=f"sweep {name}: one row per point (MLflow {parent_id})")
+    restored = sum(r.status == "restored" for r in results)
+    create_markdown_artifact(
+        f"# sweep {name}\n\n{len(results)} point(s), {restored} restored by DVC; MLflow parent run `{parent_id}` "
+        f"(`fluxfill compare --parent {parent_id}`)\n\n" + format_runs(table, "markdown"),
+        key="sweep-summary", description="the comparison table, as in the parent run's sweep/table.md")
+    return {"parent_run_id": parent_id, "points": [r.to_dict() for r in results], "table": rows}

@@ -30,6 +30,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # in LORA_DIR: diffusers' LOR
 FUSION_FILE = "fusion.safetensors"                 # in train.output: the fusion module
 TRAIN_METRICS = "metrics/train.json"               # final loss, fusion weight, steps
 TRAIN_PLOT = "plots/train.csv"                     # one row per optimizer step
+VAL_PLOT = "plots/val.csv"                         # val_loss at step 0, every train.val_every steps and the end
 EVAL_METRICS = "metrics/eval.json"
 EVAL_TABLE = "per_sample.csv"                      # in eval.output
 EVAL_SAMPLES = "samples"                           # in eval.output: grid_000.png, ...

@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("fluxfill.encode", "encode data/prepared into the latent cache data/latents"),
     "train": ("fluxfill.train", "train LoRA + fusion weight from the latent cache into models/"),
     "evaluate": ("fluxfill.evaluate", "generate validation panels, score them against targets and baselines"),
-    "compare": ("fluxfill.compare", "compare MLflow runs side by side in the terminal"),
+    "compare": ("fluxfill.compare", "compare MLflow runs side by side in the terminal (--parent: a sweep's points)"),
+    "sweep": ("fluxfill.sweep", "run a grid of settings as DVC experiments, compared under one MLflow parent run"),
     "summary": ("fluxfill.summary", "print where to look after a run: MLflow run, metrics, sample grids"),
 }
 

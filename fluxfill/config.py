@@ -15,6 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PARAMS_FILE = "params.yaml"
+FUSION_MODES = ("none", "fixed", "learned")
+DEMO_TASKS = ("enhance", "tint")
+# data.instruction when it is null: what the demo task asks for (folder and manifest data use "enhance")
+TASK_INSTRUCTIONS = {
+    "enhance": "it is well exposed, sharp and free of noise",
+    "tint": "its colours are graded with the same look as the reference photo",
+}
 DEFAULT_PROMPT_TEMPLATE = (
     "A diptych with two side-by-side images of the same scene. "
     "On the right, the scene is exactly the same as on the left but {instruction}"
@@ -35,13 +42,15 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: Literal["demo", "folder", "manifest"] = "demo"
+    demo_task: Literal["enhance", "tint"] = Field(
+        "enhance", description="enhance: degraded -> clean photo; tint: photo -> the colour look shown by the reference")
     path: str = Field("data/raw", description="folder root (source: folder) or CSV file (source: manifest)")
     output: str = "data/prepared"
     panel_size: int = Field(512, ge=16, le=4096)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     allow_upscale: bool = False
-    instruction: str = "it is well exposed, sharp and free of noise"
+    instruction: str | None = Field(None, description="null: the instruction of data.demo_task")
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
     @field_validator("panel_size")
@@ -108,6 +117,8 @@ class TrainConfig(Section):
     loss_region: Literal["all", "target"] = "all"
     seed: int = 0
     log_every: int = Field(1, ge=1)
+    val_every: int = Field(10, ge=0, description="val_loss every N steps (and at step 0 and the end); 0: never")
+    val_sigmas: int = Field(4, ge=1, description="K: val_loss averages K evenly spaced noise levels per val sample")
     sample_every: int = Field(0, ge=0, description="0: only at the end")
     checkpoint_every: int = Field(20, ge=0, description="0: never")
     keep_checkpoints: int = Field(2, ge=1)
@@ -117,8 +128,17 @@ class TrainConfig(Section):
 
 
 class FusionConfig(Section):
-    mode: Literal["none", "pooled"] = "pooled"
+    mode: Literal["none", "fixed", "learned"] = Field(
+        "learned", description="none: no reference; fixed: alpha stays at init, W trained; learned: alpha and W trained")
     init: float = Field(0.1, gt=0.0, lt=1.0, description="alpha at step 0, strictly inside (0, 1)")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _renamed(cls, v):
+        if v == "pooled":
+            raise ValueError("'pooled' was renamed 'learned' (alpha and W trained); "
+                             "the other modes are 'fixed' (alpha frozen at fusion.init) and 'none'")
+        return v
 
 
 class EvalConfig(Section):

@@ -5,9 +5,15 @@ Each sample becomes one PNG triptych [reference | source | target], 3*panel x pa
 id, split, prompt, source, target, reference, sha256, file.
 
 Sources (data.source):
-  demo      (default) real photos bundled with scikit-image, no download. The source is a seeded
-            degradation of each photo (darker, noisy, slightly soft), the target the clean photo,
-            the reference a clean photo of another scene. Photos smaller than a panel are upscaled.
+  demo      (default) real photos bundled with scikit-image, no download; photos smaller than a
+            panel are upscaled. data.demo_task picks what the model learns:
+              enhance  (default) the source is a seeded degradation of each photo (darker, noisy,
+                       slightly soft), the target the clean photo, the reference a clean photo of
+                       another scene. The reference is not needed to solve it.
+              tint     the source is the clean photo, the target the same photo re-graded with a
+                       colour look (one of LOOKS, seeded per sample), the reference another photo
+                       with the same look. The prompt does not name the look: only the reference
+                       shows it, so fusion is what can solve it.
   folder    data.path (default data/raw) holds image files matched by name (file stem = sample id):
               data/raw/source/<id>.png      the image to enhance
               data/raw/target/<id>.png      the wanted result
@@ -16,7 +22,7 @@ Sources (data.source):
             paths are relative to the CSV's folder, prompt replaces the prompt template for that
             row, split (train or val) fixes the row's split. The sample id is the source file stem.
 
-The prompt is data.prompt_template with data.instruction; the train/val split is seeded
+The prompt is data.prompt_template with data.instruction (null: the demo task's own); the train/val split is seeded
 (data.val_fraction, data.seed). Same inputs and params give byte-identical files.
 
 Everything is checked before anything is written: unreadable, truncated or non-image files, missing
@@ -50,7 +56,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from .artifacts import MANIFEST
-from .config import DataConfig, FluxfillError, repo_root
+from .config import TASK_INSTRUCTIONS, DataConfig, FluxfillError, repo_root
 from .panels import build_panels, fit_panel, to_rgb
 from .safety import check_outputs
 
@@ -70,9 +76,28 @@ DEMO_PHOTOS = (
 )
 DEMO_PREFIX = "skimage:"
 DEGRADED = "#degraded"
+LOOK_TAG = "#look="  # skimage:<name>#look=<look>: the photo re-graded with a colour look of LOOKS
+
+# Colour looks of the tint task, on RGB in [0, 1]: x' = clip(x @ matrix.T + shadows (1 - l) + highlights l),
+# l the luminance of x. Each is clearly visible and different from the others (warm, cool, split-tone, ...).
+LOOKS: dict[str, dict[str, tuple]] = {
+    "warm": {"matrix": ((1.10, 0.05, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.75)), "shadows": (0.04, 0.02, 0.0),
+             "highlights": (0.0, 0.0, 0.0)},
+    "cool": {"matrix": ((0.80, 0.0, 0.0), (0.0, 0.97, 0.03), (0.0, 0.05, 1.10)), "shadows": (0.0, 0.02, 0.06),
+             "highlights": (0.0, 0.0, 0.0)},
+    "teal_orange": {"matrix": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), "shadows": (-0.10, 0.06, 0.10),
+                    "highlights": (0.10, 0.02, -0.12)},
+    "sepia": {"matrix": ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131)),
+              "shadows": (0.0, 0.0, 0.0), "highlights": (0.0, 0.0, 0.0)},
+    "green": {"matrix": ((0.85, 0.05, 0.0), (0.0, 1.10, 0.0), (0.0, 0.05, 0.80)), "shadows": (0.0, 0.05, 0.0),
+              "highlights": (0.0, 0.0, 0.0)},
+    "faded": {"matrix": ((0.60, 0.15, 0.15), (0.15, 0.60, 0.15), (0.15, 0.15, 0.60)), "shadows": (0.18, 0.16, 0.20),
+              "highlights": (0.0, 0.0, 0.0)},
+}
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 # independent random streams, so that e.g. changing val_fraction does not change the references
-_SPLIT_STREAM, _REFERENCE_STREAM, _DEGRADE_STREAM = 1, 2, 3
+_SPLIT_STREAM, _REFERENCE_STREAM, _DEGRADE_STREAM, _LOOK_STREAM = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -102,11 +127,19 @@ class PrepareResult:
 
 
 def _demo_samples(cfg: DataConfig) -> tuple[list[Sample], list[str]]:
+    if cfg.demo_task == "tint":  # the reference (another photo, same look) is borrowed in collect()
+        return [Sample(id=name, source=f"{DEMO_PREFIX}{name}", target=f"{DEMO_PREFIX}{name}{LOOK_TAG}{_pick_look(cfg, name)}")
+                for name in DEMO_PHOTOS], []
     samples = [
         Sample(id=name, source=f"{DEMO_PREFIX}{name}{DEGRADED}", target=f"{DEMO_PREFIX}{name}")
         for name in DEMO_PHOTOS
     ]
     return samples, []
+
+
+def _pick_look(cfg: DataConfig, sample_id: str) -> str:
+    names = list(LOOKS)
+    return names[int(np.random.default_rng([cfg.seed, _LOOK_STREAM, zlib.crc32(sample_id.encode())]).integers(len(names)))]
 
 
 def _escapes(path: Path, root: Path) -> str | None:
@@ -246,9 +279,9 @@ def _demo_photo(name: str) -> Image.Image:
 
 
 def read_image(label: str) -> Image.Image:
-    """Open a sample image: a file (fully decoded, EXIF orientation applied) or ``skimage:<name>``."""
+    """Open a sample image: a file (fully decoded, EXIF orientation applied) or ``skimage:<name>`` (any ``#...`` ignored)."""
     if label.startswith(DEMO_PREFIX):
-        return _demo_photo(label[len(DEMO_PREFIX):].removesuffix(DEGRADED))
+        return _demo_photo(label[len(DEMO_PREFIX):].split("#")[0])
     with Image.open(label) as img:
         img.load()
         return ImageOps.exif_transpose(img)
@@ -263,10 +296,27 @@ def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
+def apply_look(img: Image.Image, look: str) -> Image.Image:
+    """An RGB panel re-graded with the colour look ``look`` of :data:`LOOKS` (per pixel, deterministic)."""
+    if look not in LOOKS:
+        raise FluxfillError(f"unknown colour look {look!r}; one of {', '.join(LOOKS)}")
+    spec = {k: np.asarray(v, dtype=np.float64) for k, v in LOOKS[look].items()}
+    x = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0  # [H, W, 3]
+    luma = (x @ _LUMA)[..., None]  # [H, W, 1]
+    y = x @ spec["matrix"].T + spec["shadows"] * (1.0 - luma) + spec["highlights"] * luma  # [H, W, 3]
+    return Image.fromarray(np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8), "RGB")
+
+
+def look_of(label: str) -> str | None:
+    """The colour look a demo label asks for (``skimage:coffee#look=warm`` -> ``warm``), else None."""
+    return label.split(LOOK_TAG, 1)[1] if label.startswith(DEMO_PREFIX) and LOOK_TAG in label else None
+
+
 def _check_images(samples: list[Sample], cfg: DataConfig) -> list[str]:
     """Decode every image once; return the problems, log the conversions."""
     size = cfg.panel_size
-    labels = sorted({lab for s in samples for lab in (s.target, s.source, s.reference) if lab and DEGRADED not in lab})
+    labels = sorted({lab.split("#")[0] if lab.startswith(DEMO_PREFIX) else lab
+                     for s in samples for lab in (s.target, s.source, s.reference) if lab})
     problems: list[str] = []
     for label in labels:
         try:
@@ -308,8 +358,9 @@ def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def _prompt(cfg: DataConfig) -> str:
+    instruction = TASK_INSTRUCTIONS[cfg.demo_task] if cfg.instruction is None else cfg.instruction
     try:
-        return cfg.prompt_template.format(instruction=cfg.instruction)
+        return cfg.prompt_template.format(instruction=instruction)
     except (KeyError, IndexError, ValueError) as e:
         raise FluxfillError(
             f"data.prompt_template: cannot fill it ({e!r}); the only placeholder is {{instruction}}, "
@@ -346,9 +397,12 @@ def collect(cfg: DataConfig) -> list[Sample]:
     for s in sorted(samples, key=lambda s: s.id):
         reference = s.reference
         if reference is None:
-            # borrow another scene's target, from the train split so that no val target is seen in training
+            # borrow another scene's target, from the train split so that no val target is seen in training;
+            # with a colour look, the other scene's photo with this sample's look
             pool = [i for i in train if i != s.id] or [i for i in sorted(by_id) if i != s.id]
             reference = by_id[pool[int(rng.integers(len(pool)))]].target
+            if look := look_of(s.target):
+                reference = f"{reference.split('#')[0]}{LOOK_TAG}{look}"
         out.append(replace(s, reference=reference, prompt=s.prompt or prompt, split=splits[s.id]))
     return out
 
@@ -362,18 +416,24 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _panel(label: str, cfg: DataConfig) -> Image.Image:
+    """One square panel of a sample image, re-graded when its label asks for a colour look."""
+    panel = fit_panel(read_image(label), cfg.panel_size)
+    return apply_look(panel, look) if (look := look_of(label)) else panel
+
+
 def _source_image(s: Sample, target: Image.Image, cfg: DataConfig) -> Image.Image:
     if s.source.endswith(DEGRADED):
         rng = np.random.default_rng([cfg.seed, _DEGRADE_STREAM, zlib.crc32(s.id.encode())])
-        return degrade(fit_panel(target, cfg.panel_size), rng)
-    return read_image(s.source)
+        return degrade(target, rng)
+    return _panel(s.source, cfg)
 
 
 def _write(samples: list[Sample], cfg: DataConfig, folder: Path) -> None:
     rows = []
     for s in tqdm(samples, desc="prepare", unit="sample"):
-        target = read_image(s.target)
-        panels = build_panels(_source_image(s, target, cfg), target, read_image(s.reference), cfg.panel_size)
+        target = _panel(s.target, cfg)
+        panels = build_panels(_source_image(s, target, cfg), target, _panel(s.reference, cfg), cfg.panel_size)
         data = _png(panels.triptych)
         file = f"{s.id}.png"
         (folder / file).write_bytes(data)
@@ -468,7 +528,7 @@ def _size_and_count(path: Path) -> tuple[int, int]:
     return sum(f.stat().st_size for f in files), len(files)
 
 
-def _dvc_md5(path: Path) -> str:
+def dvc_md5(path: Path) -> str:
     """The hash ``dvc commit`` records for ``path`` (``<md5>.dir`` for a folder), computed by dvc-data."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
@@ -494,7 +554,7 @@ def data_version(path: str | os.PathLike = "data/prepared") -> str | None:
         return entry["md5"] if entry else None
     if entry and _size_and_count(target) == (entry.get("size"), entry.get("nfiles", 1)):
         return entry["md5"]
-    return _dvc_md5(target)
+    return dvc_md5(target)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -131,7 +131,7 @@ def conditioning(text_pipe, fusion: SemanticFusion | None, prompts: list[str], r
     batch = {"pooled_prompt_embeds": pooled_text}
     if fusion.enabled:
         if image_encoder is None or image_processor is None:
-            raise ValueError("fusion mode 'pooled' needs image_encoder and image_processor for the references")
+            raise ValueError(f"fusion mode {fusion.mode!r} needs image_encoder and image_processor for the references")
         batch["image_embeds"] = encode_references(image_encoder, image_processor, references)  # [B, E]
     with torch.no_grad():
         return prompt_embeds, fused_pooled(fusion, batch)  # [B, P]

@@ -231,6 +231,41 @@ def load_component(cfg: ModelConfig, name: str, device: str | torch.device = "cp
     return _build(name, configs[name], device, dtype, seed=None if device.type == "meta" else 0)
 
 
+def image_encoder_checkpoint(cfg: ModelConfig) -> str | None:
+    """The checkpoint (hub id or folder) the preset's CLIP image encoder loads from; None when built in code.
+
+    The fusion module reads CLIP's text projection from it (:func:`clip_text_projection`).
+    """
+    return cfg.image_encoder if cfg.preset == "flux-fill-dev" else None
+
+
+def clip_text_projection(source: str) -> torch.Tensor | None:
+    """CLIP's text projection ``[E, P]`` (``text_projection.weight``) from the checkpoint ``source``.
+
+    ``source`` is a hub id (found in the local Hugging Face cache; HF_HUB_OFFLINE is respected) or a folder
+    written by ``CLIPModel.save_pretrained``. None when the checkpoint carries no text projection (a vision-only
+    checkpoint) or holds no weights file here.
+    """
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
+
+    key = "text_projection.weight"
+    opts = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    file = cached_file(source, SAFE_WEIGHTS_NAME, **opts)
+    if file is None and (index := cached_file(source, SAFE_WEIGHTS_INDEX_NAME, **opts)):
+        shard = json.loads(Path(index).read_text())["weight_map"].get(key)
+        if shard is None:
+            return None
+        file = cached_file(source, shard, **opts)
+    if file is not None:
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(key).float() if key in f.keys() else None
+    if file := cached_file(source, WEIGHTS_NAME, **opts):
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return state[key].float() if key in state else None
+    return None
+
+
 def load_pipeline(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   components: dict | None = None):
     """A ``FluxFillPipeline`` of the preset; ``components`` passes already loaded parts (e.g. a LoRA transformer)."""

@@ -23,12 +23,18 @@ BATCH_KEYS = ("x_0", "masked_latents", "mask_latents", "prompt_embeds", "pooled_
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor            # [] fp32
+    loss: torch.Tensor | None     # [] fp32 (None from denoise)
     model_output: torch.Tensor    # [B, N, 64] velocity prediction
     target: torch.Tensor          # [B, N, 64] ε - x_0
     sigma: torch.Tensor           # [B]
     hidden_states: torch.Tensor   # [B, N, 384]
     pooled: torch.Tensor          # [B, P] fused pooled embedding fed to AdaLN
+
+
+def check_batch(batch: dict) -> None:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; a training batch holds {BATCH_KEYS} (+ image_embeds for fusion)")
 
 
 def sample_sigma(batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -64,13 +70,28 @@ def flow_matching_step(transformer, fusion, batch: dict, loss_region: str = "all
 
     ``transformer`` may be wrapped (DDP, FSDP, compiled); ``generator`` is one for the batch or one per sample.
     """
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(f"batch lacks {missing}; a training batch holds {BATCH_KEYS} (+ image_embeds for fusion)")
+    check_batch(batch)
+    x_0 = batch["x_0"]  # [B, N, 64]
+    sigma, noise = sample_noise(x_0.shape, x_0.device, generator)  # [B], [B, N, 64]
+    out = denoise(transformer, fusion, batch, sigma, noise, guidance)
+    err = (out.model_output.float() - out.target) ** 2  # [B, N, 64]
+    if loss_region == "all":
+        out.loss = err.mean()
+    elif loss_region == "target":
+        tokens = target_token_mask(batch["mask_latents"]).expand(x_0.shape[0], -1)  # [B, N]
+        out.loss = err[tokens].mean()
+    else:
+        raise ValueError(f"loss_region {loss_region!r}: expected 'all' or 'target'")
+    return out
+
+
+def denoise(transformer, fusion, batch: dict, sigma: torch.Tensor, noise: torch.Tensor,
+            guidance: float = 1.0) -> StepOutput:
+    """The velocity prediction at noise level ``sigma [B]`` with ``noise [B, N, 64]``; ``loss`` is left None."""
+    check_batch(batch)
     dtype = extract_model_from_parallel(transformer).dtype  # a DDP wrapper has no .dtype
     x_0 = batch["x_0"].float()  # [B, N, 64]
     b = x_0.shape[0]
-    sigma, noise = sample_noise(x_0.shape, x_0.device, generator)  # [B], [B, N, 64]
     s = sigma[:, None, None]  # [B, 1, 1]
     x_t = (1 - s) * x_0 + s * noise  # [B, N, 64]
     target = noise - x_0  # [B, N, 64]
@@ -87,13 +108,5 @@ def flow_matching_step(transformer, fusion, batch: dict, loss_region: str = "all
         img_ids=batch["img_ids"],
         return_dict=False,
     )[0]  # [B, N, 64]
-    err = (model_output.float() - target) ** 2  # [B, N, 64]
-    if loss_region == "all":
-        loss = err.mean()
-    elif loss_region == "target":
-        tokens = target_token_mask(batch["mask_latents"]).expand(b, -1)  # [B, N]
-        loss = err[tokens].mean()
-    else:
-        raise ValueError(f"loss_region {loss_region!r}: expected 'all' or 'target'")
-    return StepOutput(loss=loss, model_output=model_output, target=target, sigma=sigma,
+    return StepOutput(loss=None, model_output=model_output, target=target, sigma=sigma,
                       hidden_states=hidden_states, pooled=pooled)

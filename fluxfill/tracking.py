@@ -51,6 +51,7 @@ from mlflow.environment_variables import MLFLOW_RUN_ID, MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import __version__
@@ -72,6 +73,9 @@ REACH_TIMEOUT_S = 5.0
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"
 NAME_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l
+PARENT_RUN_ENV = "FLUXFILL_PARENT_RUN_ID"  # set by `fluxfill sweep`: a new run becomes a child of this run
+SWEEP_POINT_ENV = "FLUXFILL_SWEEP_POINT"  # set by `fluxfill sweep`: the point's overrides (JSON), as a tag
+OUTPUTS_TAG = "fluxfill.models_md5"  # the DVC hash of the models/ a training run wrote (finds a restored run's producer)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -194,7 +198,7 @@ def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
 
 
 def default_run_name(params: Params, *parts: str) -> str:
-    """``tiny-pooled-<parts>-k7q2``: preset, fusion mode, ``parts`` (training passes its steps and fingerprint)
+    """``tiny-learned-<parts>-k7q2``: preset, fusion mode, ``parts`` (training passes its steps and fingerprint)
     and 4 random characters, drawn until no run of the experiment has the name (call :func:`setup` first).
 
     The characters come from the OS (``secrets``), not from Python's ``random``, which training seeds: MLflow's
@@ -252,9 +256,14 @@ def run_tags(params: Params) -> dict[str, str]:
     """Tags linking a run to the code (git, in the cwd) and the data (``dvc.lock`` in the cwd).
 
     ``git.commit``, ``git.dirty`` (tracked files modified), ``dvc.data.prepared``, ``dvc.data.latents``,
-    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out.
+    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out. Under
+    ``fluxfill sweep`` also ``mlflow.parentRunId`` and ``fluxfill.sweep.point`` (from the environment).
     """
     tags = {"preset": params.model.preset, "device": _device(), "fluxfill.version": __version__}
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    if point := os.environ.get(SWEEP_POINT_ENV):
+        tags["fluxfill.sweep.point"] = point
     if commit := _git("rev-parse", "HEAD"):
         tags["git.commit"] = commit
         status = _git("status", "--porcelain", "--untracked-files=no")
@@ -332,6 +341,15 @@ def log_history(rows: list[dict[str, Any]]) -> None:
 def end_run_unfinished() -> None:
     """End the active run as KILLED: stopped before its last step, to be continued by the next start."""
     mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+
+
+def tag_outputs(out_dir: str | os.PathLike) -> str:
+    """Tag the active run with the DVC hash of ``out_dir`` (what ``dvc.lock`` will record); returns the hash."""
+    from .data import dvc_md5
+
+    md5 = dvc_md5(Path(out_dir))
+    mlflow.set_tag(OUTPUTS_TAG, md5)
+    return md5
 
 
 def find_run(run_id: str) -> Run | None:

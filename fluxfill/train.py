@@ -12,8 +12,11 @@ so N processes with batch b train the model 1 process with batch N*b trains, up 
 
 Outputs (DVC outs, byte-identical for identical runs): models/lora/pytorch_lora_weights.safetensors (diffusers
 format, loads with FluxFillPipeline.load_lora_weights), models/fusion.safetensors, metrics/train.json (final loss,
-fusion weight, steps), plots/train.csv (step,loss,fusion_weight,lr: one row per step, whatever train.log_every).
+fusion weight, steps, val_loss), plots/train.csv (step,loss,fusion_weight,fusion_cos,fusion_ref_norm,val_loss,lr:
+one row per step, whatever train.log_every), plots/val.csv (step,val_loss; the DVC plot, step 0 included).
 Timings and memory go to MLflow and to .fluxfill/train_timing.json; the MLflow run to .fluxfill/runs/ (not outs).
+
+The held-out val_loss (fluxfill.validation) is computed at step 0, every train.val_every steps and at the end.
 
 Checkpoints (LoRA, fusion, optimizer, scheduler, RNG; accelerate's save_state) go to
 checkpoints/<fingerprint>/checkpoint-<step> every train.checkpoint_every steps, atomically. A run resumes only
@@ -54,6 +57,7 @@ from .artifacts import (
     TRAIN_METRICS,
     TRAIN_PLOT,
     TRAIN_TIMING,
+    VAL_PLOT,
     canonical,
     canonical_safetensors_header,
     damaged,
@@ -62,9 +66,10 @@ from .artifacts import (
 )
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
-from .fusion import SemanticFusion
+from .fusion import SemanticFusion, build_fusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
+from .validation import validation_loss
 
 log = logging.getLogger(__name__)
 # train.* settings that do not change the trained weights, left out of the checkpoint fingerprint (a restart with
@@ -75,6 +80,7 @@ NOT_IN_FINGERPRINT = frozenset({"output", "checkpoint_dir", "log_every", "sample
                                 # fingerprint holds its size (global_batch), the same weights for any split
                                 "num_processes", "batch_size", "gradient_accumulation_steps"})
 UNFINISHED = {"RUNNING", "KILLED", "FAILED"}  # MLflow run states a resumed run may continue
+PLOT_COLUMNS = ("step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr")
 
 
 class NonFiniteLoss(FluxfillError):
@@ -161,11 +167,15 @@ def sample_generators(seed: int, step: int, positions: range, device) -> list[to
 
 
 def _optimizer(params: Params, transformer, fusion, device):
+    """Groups: LoRA (train.learning_rate), W and θ (train.fusion_learning_rate); θ alone, without weight decay."""
     t = params.train
-    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": t.learning_rate}]
-    fusion_params = [p for p in fusion.parameters() if p.requires_grad]
-    if fusion_params:
-        groups.append({"params": fusion_params, "lr": t.fusion_learning_rate or t.learning_rate})
+    fusion_lr = t.fusion_learning_rate or t.learning_rate
+    groups = [{"name": "lora", "params": [p for p in transformer.parameters() if p.requires_grad],
+               "lr": t.learning_rate, "weight_decay": t.weight_decay}]
+    for name, p in fusion.named_parameters():
+        if p.requires_grad:  # decay would pull θ toward α = 0.5
+            decay = 0.0 if name == "theta" else t.weight_decay
+            groups.append({"name": f"fusion.{name}", "params": [p], "lr": fusion_lr, "weight_decay": decay})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=device.type == "cuda")
     if t.optimizer == "adamw8bit":
@@ -266,6 +276,7 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
     ``fresh`` deletes this configuration's checkpoints first. When this configuration finished before and its
     outputs are unchanged, nothing runs: the result says ``skipped``.
     """
+    import mlflow
     from accelerate.utils import set_seed
 
     from accelerate import Accelerator
@@ -328,8 +339,10 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
         run_id = run.info.run_id if run else None
         if new_run and history:  # a new run from a checkpoint: the steps before it, so its curves are whole
             tracking.log_history(history)
+        if main:
+            mlflow.log_param("fusion.init_method", accelerator.unwrap_model(fusion).init_method)
         result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after, split)
+                       start, run_id, history, stop_after, split, _val_cache(params))
         if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
             if main:
                 tracking.end_run_unfinished()
@@ -363,8 +376,7 @@ def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
     if t.gradient_checkpointing is True or (t.gradient_checkpointing == "auto" and on_cuda):
         transformer.enable_gradient_checkpointing()
     item = cache[0]
-    fusion = SemanticFusion.from_config(params.fusion, item["pooled_prompt_embeds"].shape[-1],
-                                        item["image_embeds"].shape[-1]).to(device)
+    fusion = build_fusion(params, item["pooled_prompt_embeds"].shape[-1], item["image_embeds"].shape[-1]).to(device)
     transformer.train()
     optimizer = _optimizer(params, transformer, fusion, device)
     scheduler = get_scheduler("constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler, optimizer,
@@ -457,10 +469,40 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
     _log_samples(params, accelerator, transformer, fusion, result.steps)
     if accelerator.is_main_process:
         mlflow.log_artifacts(str(out_dir), "model")
+        tracking.tag_outputs(out_dir)
+
+
+
+def _val_cache(params: Params) -> LatentCache | None:
+    """The cache's val split, or None (val_loss off, or no val samples: a warning says so)."""
+    if not params.train.val_every:
+        return None
+    try:
+        return LatentCache(params.encode.output, "val")
+    except FluxfillError as e:
+        log.warning("no val_loss: %s (set data.val_fraction > 0 and re-run prepare and encode)", e)
+        return None
+
+
+def _validate(params: Params, accelerator, transformer, fusion, val_cache, step: int, history: list) -> None:
+    """val_loss at ``step`` on every process (identical work: sharded models need every rank); logged by rank 0."""
+    t = params.train
+    with accelerator.autocast():
+        value = validation_loss(transformer, fusion, val_cache, seed=t.seed, num_sigmas=t.val_sigmas,
+                                loss_region=t.loss_region, batch_size=t.batch_size, device=accelerator.device)
+    row = next((r for r in history if r["step"] == step), None)
+    if row is None:
+        history.append(row := {"step": step})
+        history.sort(key=lambda r: r["step"])
+    row["val_loss"] = value
+    if accelerator.is_main_process:
+        import mlflow
+
+        mlflow.log_metric("val_loss", value, step=step, synchronous=False)
 
 
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
-          history, stop_after, split: dict) -> TrainResult:
+          history, stop_after, split: dict, val_cache=None) -> TrainResult:
     """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
     The step's loss, gradient norm and α stay on the device until a log step (``train.log_every``), a checkpoint
@@ -496,6 +538,13 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
+
+    def validate(at: int) -> None:
+        if val_cache is not None:
+            _validate(params, accelerator, transformer, fusion, val_cache, at, history)
+
+    if start == 0:
+        validate(0)
     try:
         for batch in loader:
             if step >= end:
@@ -520,10 +569,12 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 continue
             step += 1
             bar.update(1)
-            pending.append(_pending_row(step, losses, grad_norm, fusion_module.alpha, scheduler.get_last_lr()[0],
-                                        device))
+            stats = _full_fusion(fusion_module).stat_tensors(batch["pooled_prompt_embeds"], batch.get("image_embeds"))
+            pending.append(_pending_row(step, losses, grad_norm, stats, scheduler.get_last_lr()[0], device))
             losses = []
-            if step % t.log_every == 0 or step == end or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            val_step = t.val_every and (step % t.val_every == 0 or step == t.max_steps)
+            if (step % t.log_every == 0 or step == end or val_step
+                    or (t.checkpoint_every and step % t.checkpoint_every == 0)):
                 rows = _flush(pending, accelerator, ckpt_root)  # the one host sync
                 pending.clear()
                 history.extend(rows)
@@ -535,6 +586,8 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                     last = rows[-1]
                     alpha = last.get("fusion_weight", math.nan)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
+            if val_step:
+                validate(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
@@ -555,28 +608,24 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
 
 
-def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, alpha, lr: float, device) -> tuple:
-    """One optimizer step's values, still on the device: (step, lr, [loss, grad_norm(, α)])."""
-    values = [torch.stack(losses).float().mean(), torch.as_tensor(grad_norm, dtype=torch.float32, device=device)]
-    if alpha is not None:
-        values.append(alpha.detach().float())
-    return step, lr, torch.stack(values)  # [2] or [3]
+def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, stats: dict, lr: float, device) -> tuple:
+    """One optimizer step's values, still on the device: (step, lr, names, [loss, grad_norm, *fusion stats])."""
+    values = [torch.stack(losses).float().mean(), torch.as_tensor(grad_norm, dtype=torch.float32, device=device),
+              *(v.float() for v in stats.values())]
+    return step, lr, ("loss", "grad_norm", *stats), torch.stack(values)  # [2] or [5]
 
 
 def _flush(pending: list[tuple], accelerator, ckpt_root: Path) -> list[dict]:
     """The pending steps as history rows, with one host sync; a non-finite loss stops the run."""
-    values = torch.stack([v for _, _, v in pending])  # [K, 2|3]
-    losses = accelerator.reduce(values[:, 0].contiguous(), "mean")  # [K] the mean over processes
-    values = torch.cat([losses[:, None], values[:, 1:]], dim=1).tolist()  # [K, 2|3] on the host: the sync
+    values = torch.stack([v for *_, v in pending])  # [K, 2|5]
+    # the mean over processes: loss and fusion stats of the global batch (grad_norm and α agree on every rank)
+    values = accelerator.reduce(values.contiguous(), "mean").tolist()  # [K, 2|5] on the host: the sync
     rows = []
-    for (step, lr, _), v in zip(pending, values, strict=True):
+    for (step, lr, names, _), v in zip(pending, values, strict=True):
         if not math.isfinite(v[0]):
             raise NonFiniteLoss(f"loss is {v[0]} at step {step}; stopped. The last good checkpoint is kept "
                                 f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
-        row = {"step": step, "loss": v[0], "lr": lr, "grad_norm": v[1]}
-        if len(v) == 3:
-            row["fusion_weight"] = v[2]
-        rows.append(row)
+        rows.append({"step": step, "lr": lr, **dict(zip(names, v, strict=True))})
     return rows
 
 
@@ -599,7 +648,8 @@ def _full_fusion(fusion: SemanticFusion) -> SemanticFusion:
         return fusion
     full = SemanticFusion(fusion.mode, fusion.pooled_dim, fusion.image_embed_dim)
     full.load_state_dict({n: p.full_tensor().detach() for n, p in fusion.named_parameters()})
-    return full
+    full.init_method = fusion.init_method
+    return full.to(fusion.theta.device)
 
 
 def _alpha(fusion: SemanticFusion) -> float | None:
@@ -616,16 +666,22 @@ def _peak_memory_mb(device) -> float:
 
 def _write_metrics(history: list[dict], result: TrainResult) -> None:
     """The DVC metrics and plots of the run: values only, no timings, so identical runs write identical bytes."""
-    metrics_file, plot_file = Path(TRAIN_METRICS), Path(TRAIN_PLOT)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    plot_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps}
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    lines = ["step,loss,fusion_weight,lr"]
-    for r in history:
-        fw = "" if r.get("fusion_weight") is None else f"{r['fusion_weight']:.6f}"
-        lines.append(f"{r['step']},{r['loss']:.6f},{fw},{r['lr']:.6g}")
-    plot_file.write_text("\n".join(lines) + "\n")
+    for f in (TRAIN_METRICS, TRAIN_PLOT, VAL_PLOT):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+    vals = [r["val_loss"] for r in history if "val_loss" in r]
+    metrics = {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": result.steps,
+               "val_loss": vals[-1] if vals else None, "val_loss_start": vals[0] if vals else None}
+    Path(TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_csv(Path(TRAIN_PLOT), PLOT_COLUMNS, [r for r in history if "loss" in r])  # one row per step
+    _write_csv(Path(VAL_PLOT), ("step", "val_loss"), [r for r in history if "val_loss" in r])  # step 0 included
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A blank cell: not measured at this step (val_loss between validations, fusion with mode none)."""
+    lines = [",".join(columns)]
+    lines += [",".join("" if r.get(c) is None else str(r[c]) if c == "step" else f"{r[c]:.6g}" for c in columns)
+              for r in rows]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _write_timing(result: TrainResult, device) -> None:

@@ -164,7 +164,7 @@ def test_training_steps_lower_loss_and_move_alpha(tiny_cfg, tiny):
     batch = dict(x_0=enc.x_0, masked_latents=enc.masked_latents, mask_latents=enc.mask_latents,
                  prompt_embeds=emb, pooled_prompt_embeds=pooled, image_embeds=image_embeds,
                  img_ids=enc.img_ids, txt_ids=ids)
-    fusion = SemanticFusion("pooled", 32, image_embeds.shape[-1], init=0.25)
+    fusion = SemanticFusion("learned", 32, image_embeds.shape[-1], init=0.25)
     opt = torch.optim.AdamW([*transformer.parameters(), *fusion.parameters()], lr=3e-3)
 
     def loss_at_fixed_noise():
@@ -184,10 +184,11 @@ def test_training_steps_lower_loss_and_move_alpha(tiny_cfg, tiny):
 
 
 def test_fusion_modes_and_roundtrip(tmp_path):
-    f = SemanticFusion("pooled", 8, 6, init=0.6211)
+    f = SemanticFusion("learned", 8, 6, init=0.6211)
     assert f.alpha.item() == pytest.approx(0.6211, abs=1e-6)
     pooled, e = torch.randn(3, 8), torch.randn(3, 6)
-    expected = (1 - 0.6211) * pooled + 0.6211 * f.proj(e)
+    r = f.proj(e)
+    expected = (1 - 0.6211) * pooled + 0.6211 * r * pooled.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True)
     torch.testing.assert_close(f(pooled, e), expected, atol=1e-5, rtol=1e-5)
     f.save(tmp_path / "fusion.safetensors")
     g = SemanticFusion.load(tmp_path / "fusion.safetensors")
@@ -197,7 +198,7 @@ def test_fusion_modes_and_roundtrip(tmp_path):
     none.save(tmp_path / "none.safetensors")
     assert SemanticFusion.load(tmp_path / "none.safetensors").mode == "none"
     with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
-        SemanticFusion("pooled", 8, 6, init=1.0)
+        SemanticFusion("learned", 8, 6, init=1.0)
 
 
 def test_loss_region_target_uses_only_target_tokens(tiny_cfg, tiny):

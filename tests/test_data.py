@@ -16,7 +16,9 @@ from fluxfill.cli import main
 from fluxfill.config import DataConfig, FluxfillError
 from fluxfill.data import (
     DEMO_PHOTOS,
+    LOOKS,
     MANIFEST_COLUMNS,
+    apply_look,
     assign_splits,
     collect,
     data_version,
@@ -25,7 +27,7 @@ from fluxfill.data import (
 )
 
 PANEL = 64
-PROMPT = DataConfig().prompt_template.format(instruction=DataConfig().instruction)
+PROMPT = DataConfig().prompt_template.format(instruction="it is well exposed, sharp and free of noise")
 
 
 def save(path: Path, color=(0, 0, 0), size=(80, 80), mode="RGB") -> Path:
@@ -103,6 +105,42 @@ def test_demo_source(tmp_path):
     # same params, same bytes
     again = prepare(cfg.model_copy(update={"output": str(tmp_path / "again")}))
     assert snapshot(again.path) == snapshot(result.path)
+
+
+def test_tint_target_is_the_source_under_the_look_the_reference_shows(tmp_path):
+    cfg = DataConfig(panel_size=32, output=str(tmp_path / "out"), demo_task="tint")
+    rows = {r["id"]: r for r in check_manifest(prepare(cfg).path)}
+    assert set(rows) == set(DEMO_PHOTOS)
+    prompts = {r["prompt"] for r in rows.values()}
+    assert prompts == {DataConfig().prompt_template.format(
+        instruction="its colours are graded with the same look as the reference photo")}  # the look is not named
+
+    def panels(sid):
+        with Image.open(tmp_path / "out" / f"{sid}.png") as img:
+            return [img.crop((i * 32, 0, (i + 1) * 32, 32)).convert("RGB") for i in range(3)]  # ref, source, target
+
+    def px(img):
+        return np.asarray(img, dtype=np.int16)
+
+    looks_used = set()
+    for sid, r in rows.items():
+        look = r["target"].removeprefix(f"skimage:{sid}#look=")
+        other = r["reference"].removeprefix("skimage:").split("#look=")
+        assert r["source"] == f"skimage:{sid}" and look in LOOKS and other[1] == look and other[0] != sid
+        looks_used.add(look)
+        reference, source, target = panels(sid)
+        assert np.array_equal(px(apply_look(source, look)), px(target))  # target = look(source), pixel for pixel
+        assert np.abs(px(target) - px(source)).mean() > 4  # and the look is visible
+        for wrong in set(LOOKS) - {look}:  # no other look explains the pair
+            assert not np.array_equal(px(apply_look(source, wrong)), px(target))
+        if other[0] in rows:  # the reference is the other photo under the same look
+            other_source = panels(other[0])[1]
+            assert np.array_equal(px(apply_look(other_source, look)), px(reference))
+            assert np.abs(px(reference) - px(other_source)).mean() > 4
+        assert rows[other[0]]["split"] == "train"  # no val photo leaks into training through a reference
+    assert len(looks_used) >= 4  # the look varies: without the reference the edit is ambiguous
+    enhance = {r["id"]: r for r in read_manifest(prepare(DataConfig(panel_size=32, output=str(tmp_path / "e"))).path)}
+    assert enhance["coffee"]["source"] == "skimage:coffee#degraded"  # enhance is still there, and the default
 
 
 def test_folder_source(tmp_path):

@@ -237,7 +237,7 @@ def _sharded_model(cache, world: int, seed: int):
         for p in transformer.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.02)
-    fusion = SemanticFusion("pooled", cache[0]["pooled_prompt_embeds"].shape[-1], cache[0]["image_embeds"].shape[-1])
+    fusion = SemanticFusion("learned", cache[0]["pooled_prompt_embeds"].shape[-1], cache[0]["image_embeds"].shape[-1])
     if world > 1:
         for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
             fully_shard(block)
@@ -255,7 +255,7 @@ def test_fully_shard_lora_and_fusion_save_like_an_unsharded_run(latents, tmp_pat
     mp.spawn(_sharded_step, args=(2, cache_dir, str(tmp_path)), nprocs=2)
     sharded, plain = (load_file(str(tmp_path / f"trainable-{w}.safetensors")) for w in (2, 1))
     assert sharded.keys() == plain.keys() and any(k.endswith("lora_B.default.weight") for k in plain)
-    assert {"fusion.theta", "fusion.proj.weight", "fusion.proj.bias"} <= plain.keys()
+    assert {"fusion.theta", "fusion.proj.weight"} <= plain.keys()
     errors = relative_errors(sharded, plain)
     assert errors["lora"] <= 1e-5 and errors["fusion"] <= 1e-5, errors
 

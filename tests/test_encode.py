@@ -51,7 +51,7 @@ def test_cache_shapes_and_collate(cache):
     assert list(batch["x_0"].shape) == [3, n, 64] and list(batch["mask_latents"].shape) == [1, n, 256]
     assert list(batch["img_ids"].shape) == [n, 3] and list(batch["txt_ids"].shape) == [16, 3]
     assert batch["ids"] == ["s001", "s002", "s003"]
-    out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("pooled", 32, 24),
+    out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("learned", 32, 24),
                                   batch)
     assert list(out_step.hidden_states.shape) == [3, n, 384]
 

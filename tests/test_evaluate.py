@@ -56,7 +56,7 @@ def save_lora(transformer, folder, metadata=True):
 
 def fusion_module(init=0.3):
     torch.manual_seed(3)
-    return SemanticFusion("pooled", 32, 24, init=init)
+    return SemanticFusion("learned", 32, 24, init=init)
 
 
 # ------------------------------------------------------------------------------------------------- metrics

@@ -101,7 +101,7 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     assert params.read_text() == original
 
     changed = workspace.write_params(params, {"train.max_steps": 7, "fusion.mode": "none", "tracking.run_name": "a: b"})
-    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("pooled", "none"),
+    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("learned", "none"),
                        "tracking.run_name": (None, "a: b")}
     p = load_params(params)
     assert (p.train.max_steps, p.fusion.mode, p.tracking.run_name) == (7, "none", "a: b")
@@ -111,14 +111,14 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     before, after = original.splitlines(), params.read_text().splitlines()
     assert len(before) == len(after)
     diff = {b: a for b, a in zip(before, after, strict=True) if a != b}
-    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (baseline, no reference) | pooled",
+    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)",
                                   "  run_name: 'a: b'"}
 
     # a list goes through ruamel's round trip: comments and `null` kept, the value replaced
     workspace.write_params(params, {"train.lora.target_modules": ["x_embedder", "attn.to_q"]})
     text = params.read_text()
     assert load_params(params).train.lora.target_modules == ["x_embedder", "attn.to_q"]
-    assert "  mode: none                # none (baseline, no reference) | pooled" in text
+    assert "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)" in text
     assert "  tracking_uri: null        # null: $MLFLOW_TRACKING_URI" in text
     assert text.splitlines()[0].startswith("# Every knob of the pipeline")
     assert yaml.safe_load(text)["data"] == yaml.safe_load(original)["data"]
@@ -168,7 +168,7 @@ def test_prefect_yaml_deployments_load_their_flows():
     for d in config["deployments"]:
         path, _, func = d["entrypoint"].partition(":")
         names[f"{load_flow_from_entrypoint(str(ROOT / path) + ':' + func).name}/{d['name']}"] = d["work_pool"]["name"]
-    assert names == {"train-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
+    assert names == {"train-diptych/gpu": "gpu", "sweep-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
 
 
 def test_serve_refuses_to_start_without_a_server(capsys):
@@ -190,7 +190,7 @@ def test_invalid_override_is_rejected_before_anything_runs(repo, harness):
     state = train_diptych(overrides={"train.max_steps": 0, "fusion.mode": "both"}, return_state=True)
     assert state.is_failed()
     assert "train.max_steps: Input should be greater than or equal to 1 (got 0)" in state.message
-    assert "fusion.mode: Input should be 'none' or 'pooled' (got 'both')" in state.message
+    assert "fusion.mode: Input should be 'none', 'fixed' or 'learned' (got 'both')" in state.message
     assert ((repo / "params.yaml").read_bytes(), lock.read_bytes() if lock.exists() else None) == before
     assert not (repo / "data" / "prepared").exists()
 
@@ -291,14 +291,16 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         _wait_for(healthy, 180, "the Prefect server did not answer /api/health", [server_log])
         serve = _start([sys.executable, "-m", "flows.serve"], repo, env, serve_log)
 
-        def served() -> bool:
+        def served(name: str = "train-diptych/local") -> bool:
             try:
-                with urllib.request.urlopen(f"{api}/deployments/name/train-diptych/local", timeout=2) as r:
+                with urllib.request.urlopen(f"{api}/deployments/name/{name}", timeout=2) as r:
                     return r.status == 200
             except OSError:
                 return False
 
         _wait_for(served, 120, "python -m flows.serve did not create train-diptych/local", [serve_log])
+        _wait_for(lambda: served("sweep-diptych/local"), 60, "python -m flows.serve did not create "
+                  "sweep-diptych/local beside train-diptych/local", [serve_log])
 
         overrides = {**SMALL, "fusion.init": 0.3, "train.num_processes": 2}  # training: 2 gloo workers
         run = subprocess.run(
@@ -381,7 +383,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         assert new_ref["run_id"] != ref["run_id"] and len(client.search_runs([ref["experiment_id"]])) == 2
         new_run = client.get_run(new_ref["run_id"])
         assert new_run.info.status == "FINISHED" and new_run.data.params["train.max_steps"] == "1"
-        assert new_run.info.run_name.startswith("tiny-pooled-1steps-")
+        assert new_run.info.run_name.startswith("tiny-learned-1steps-")
         assert [m.step for m in client.get_metric_history(new_ref["run_id"], "loss")] == [1]
         assert [m.step for m in client.get_metric_history(ref["run_id"], "loss")] == [1, 2, 3]  # not appended to
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from bench.common import make_prepared
 from fluxfill import tracking
 from fluxfill.config import FluxfillError, validate
+from fluxfill.data import data_version
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.train import NonFiniteLoss, train
@@ -61,18 +63,26 @@ def weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_outputs_metrics_and_mlflow(latents, workdir):
-    params = validate(raw_params(latents, max_steps=24, log_every=2))
+    params = validate(raw_params(latents, max_steps=24, log_every=2, val_every=10))
     result = train(params)
     assert result.steps == 24 and 0 < result.fusion_weight < 1 and abs(result.fusion_weight - 0.1) > 1e-3
     metrics = json.loads(Path("metrics/train.json").read_text())
-    assert metrics == {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": 24}  # no timings
+    assert metrics == {"loss": result.loss, "fusion_weight": result.fusion_weight, "steps": 24,  # no timings
+                       "val_loss": metrics["val_loss"], "val_loss_start": metrics["val_loss_start"]}
     timing = json.loads(Path(".fluxfill/train_timing.json").read_text())  # they go to an untracked file
     assert timing["samples_per_s"] > 0 and timing["peak_memory_mb"] > 0 and timing["run_id"] == result.run_id
-    rows = Path("plots/train.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,fusion_weight,lr" and len(rows) == 1 + 24  # one row per step, log_every 2
-    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 25))
-    losses = [float(r.split(",")[1]) for r in rows[1:]]
-    assert losses[-1] == pytest.approx(result.loss, abs=1e-6)
+    table = list(csv.DictReader(Path("plots/train.csv").open()))
+    assert list(table[0]) == ["step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr"]
+    assert [int(r["step"]) for r in table] == list(range(1, 25))  # one row per step, log_every 2
+    assert {int(r["step"]): r["val_loss"] != "" for r in table} == {s: s in (10, 20, 24) for s in range(1, 25)}
+    assert all(-1 <= float(r["fusion_cos"]) <= 1 and float(r["fusion_ref_norm"]) > 0 for r in table)
+    val_rows = list(csv.DictReader(Path("plots/val.csv").open()))  # the DVC plot: step 0 is before training
+    vals = {int(r["step"]): float(r["val_loss"]) for r in val_rows}
+    assert list(val_rows[0]) == ["step", "val_loss"] and sorted(vals) == [0, 10, 20, 24]
+    assert float(table[-1]["val_loss"]) == vals[24]
+    assert metrics["val_loss"] == pytest.approx(vals[24], rel=1e-5) and metrics["val_loss_start"] == pytest.approx(vals[0], rel=1e-5)
+    losses = [float(r["loss"]) for r in table]
+    assert losses[-1] == pytest.approx(result.loss, rel=1e-5)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
     ref = tracking.read_run_ref("models")
     assert ref["run_id"] == result.run_id and not list(Path("models").rglob("*.json"))
@@ -83,11 +93,16 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     assert run.data.tags["preset"] == "tiny" and run.data.tags["accelerate.world_size"] == "1"
     loss_history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in loss_history] == list(range(1, 25))  # every step, sent in batches of log_every
-    assert [round(m.value, 6) for m in loss_history] == losses
+    assert [m.value for m in loss_history] == pytest.approx(losses, rel=1e-5)
     alphas = client.get_metric_history(result.run_id, "fusion_weight")
     assert len(alphas) == 24 and alphas[-1].value == pytest.approx(result.fusion_weight)
     assert [m.step for m in client.get_metric_history(result.run_id, "samples_per_s")] == list(range(2, 25, 2))
     assert run.data.metrics["peak_memory_mb"] == timing["peak_memory_mb"]
+    for name in ("fusion_cos", "fusion_ref_norm"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == list(range(1, 25))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "val_loss"))
+    assert [s for s, _ in history] == [0, 10, 20, 24] and history[-1][1] == pytest.approx(vals[24], rel=1e-5)
+    assert run.data.tags["fluxfill.models_md5"] == data_version("models")  # what DVC records for the output
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
 
@@ -179,10 +194,13 @@ def test_fusion_mode_none_trains_without_alpha(latents, workdir):
     assert result.fusion_weight is None
     assert SemanticFusion.load("models/fusion.safetensors").mode == "none"
     assert json.loads(Path("metrics/train.json").read_text())["fusion_weight"] is None
-    assert Path("plots/train.csv").read_text().splitlines()[1].split(",")[2] == ""
+    rows = list(csv.DictReader(Path("plots/train.csv").open()))
+    assert all(r["fusion_weight"] == r["fusion_cos"] == "" for r in rows) and rows[-1]["val_loss"]
+    assert [r["step"] for r in csv.DictReader(Path("plots/val.csv").open())] == ["0", "4"]  # val_every 10: start, end
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
     client = mlflow.MlflowClient()
     assert client.get_metric_history(result.run_id, "fusion_weight") == []
+    assert client.get_metric_history(result.run_id, "fusion_cos") == []
     assert len(client.get_metric_history(result.run_id, "loss")) == 4
 
 
@@ -260,7 +278,7 @@ def test_bf16_mixed_precision_run_ends_with_a_sample_grid(latents, workdir):
 
 # --- resume only when exact -----------------------------------------------------------------------
 
-NAME = r"tiny-pooled-{steps}steps-{fp}-[a-z2-9]{{4}}"
+NAME = r"tiny-learned-{steps}steps-{fp}-[a-z2-9]{{4}}"
 
 
 def _runs(raw) -> list:
@@ -392,3 +410,35 @@ def test_finished_config_is_a_no_op_and_code_edits_or_fresh_start_over(latents, 
     untouched = {p: b for p, b in before.items() if this not in p.parts}
     assert len(untouched) > 3 and all(p.read_bytes() == b for p, b in untouched.items())
     assert Path("checkpoints/notes.txt").read_text() == "mine"
+
+
+def test_val_loss_is_the_same_at_any_batch_size(latents):
+    from fluxfill.encode import LatentCache
+    from fluxfill.models import add_lora, load_component
+    from fluxfill.objective import denoise
+    from fluxfill.validation import val_noise, val_sigmas, validation_loss
+
+    params = validate(raw_params(latents))
+    transformer = add_lora(load_component(params.model, "transformer"), params.train.lora).train()
+    fusion = SemanticFusion("learned", 32, 24, init=0.4)
+    cache = LatentCache(latents / "latents", "val")
+    assert len(cache) == 1  # K = 4 levels: 4 (sample, level) pairs
+
+    def val(batch_size, seed=0):
+        return validation_loss(transformer, fusion, cache, seed=seed, num_sigmas=4, batch_size=batch_size)
+
+    one, three, four = val(1), val(3), val(4)
+    assert abs(four - one) <= 1e-6 * one and abs(three - one) <= 1e-6 * one
+    assert transformer.training and fusion.training  # modes restored
+    assert val(4, seed=1) != four  # the noise is seeded by the seed
+    # the definition, one (sample, level) pair at a time
+    item = cache.collate([cache[0]])
+    by_hand = []
+    with torch.no_grad():
+        transformer.eval()
+        for k, sigma in enumerate(val_sigmas(4).tolist()):
+            noise = val_noise(0, cache[0]["id"], k, cache[0]["x_0"].shape)[None]  # [1, N, 64]
+            out = denoise(transformer, fusion, item, torch.tensor([sigma]), noise)
+            by_hand.append(((out.model_output - out.target) ** 2).mean().item())
+    assert val_sigmas(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert one == pytest.approx(sum(by_hand) / 4, rel=1e-6)
