@@ -6,6 +6,7 @@ and real gloo collectives; 64-px panels, 4 steps.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from bench.common import make_prepared
+from fluxfill.artifacts import TRAIN_PLOT, VAL_PLOT
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.distributed import load_trainable_state_dict, trainable_state_dict, with_world_size
 from fluxfill.encode import LatentCache, encode
@@ -142,6 +144,15 @@ def test_two_processes_train_the_model_of_one_with_the_doubled_batch(latents, tw
     monkeypatch.chdir(tmp_path)
     train(validate(raw_params(latents, tmp_path / "mlflow.db", batch_size=4, gradient_checkpointing=False)))
     errors = relative_errors(weights(work), weights(tmp_path))
+    # the logged curves too: loss and fusion statistics are means over the global batch, whatever its split
+    two, one = (list(csv.DictReader((root / TRAIN_PLOT).open())) for root in (work, tmp_path))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == ["1", "2", "3", "4"]
+    for a, b in zip(two, one, strict=True):
+        for column in ("loss", "fusion_weight", "fusion_cos", "fusion_ref_norm"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4, abs=1e-5), (a["step"], column)
+    two, one = (list(csv.DictReader((root / VAL_PLOT).open())) for root in (work, tmp_path))  # every rank: all of val
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) >= 2
+    assert all(float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4) for a, b in zip(two, one, strict=True))
     print(f"\n2 processes x batch 2 vs 1 process x batch 4, {STEPS} steps: max |a-b|/|b| LoRA {errors['lora']:.2e}, "
           f"fusion {errors['fusion']:.2e}; the 2-process run took {seconds:.1f} s")
     assert errors["lora"] <= TOLERANCE["lora"] and errors["fusion"] <= TOLERANCE["fusion"]
