@@ -103,6 +103,8 @@ class TrainConfig(Section):
     max_steps: int = Field(40, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, description="worker processes (GPUs; CPU: gloo); global batch = "
+                               "num_processes x batch_size x gradient_accumulation_steps")
     learning_rate: float = Field(1e-3, gt=0)
     fusion_learning_rate: float | None = Field(0.01, gt=0, description="None: same as learning_rate")
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"

@@ -1,10 +1,14 @@
 """Train LoRA adapters + the semantic fusion weight on FLUX.1-Fill from the latent cache (data/latents).
 
 Rectified-flow objective (docs/design.md §3) with accelerate: mixed precision (bf16 on CUDA, fp32 on CPU), gradient
-accumulation, clipping, warm-up + schedule, optional gradient checkpointing, multi-GPU via `accelerate launch`:
+accumulation, clipping, warm-up + schedule, optional gradient checkpointing, several processes:
 
-  accelerate launch --num_processes 8 -m fluxfill.cli train             # DDP on 8 GPUs
-  accelerate launch --config_file accelerate/fsdp.yaml -m fluxfill.cli train   # FSDP (see the file)
+  fluxfill train --set train.num_processes=8       # DDP: 8 workers (GPUs; gloo on a CPU), see fluxfill.distributed
+  accelerate launch --config_file accelerate/fsdp.yaml --num_processes 8 -m fluxfill.cli train   # FSDP
+
+The global batch of one optimizer step is num_processes x batch_size x gradient_accumulation_steps samples;
+which samples, and each sample's sigma and noise, depend only on (seed, step, position in the global batch),
+so N processes with batch b train the model 1 process with batch N*b trains, up to float reduction order.
 
 Outputs (DVC outs, byte-identical for identical runs): models/lora/pytorch_lora_weights.safetensors (diffusers
 format, loads with FluxFillPipeline.load_lora_weights), models/fusion.safetensors, metrics/train.json (final loss,
@@ -20,8 +24,10 @@ a checkpoint it would have written itself (:func:`config_fingerprint`, :func:`re
 the noise are functions of (seed, step), so a resumed run ends bit-identical to an uninterrupted one on the
 CPU. It continues the checkpoint's MLflow run only when that run is unfinished and had the same max_steps,
 else it starts a new one; a configuration that finished, with its outputs in place, is not trained again
-(checkpoints/<fingerprint>/finished-<max_steps>.json records them). Ctrl-C writes a checkpoint before exiting;
-a non-finite loss stops the run, keeping the last good one.
+(checkpoints/<fingerprint>/finished-<max_steps>.json records them). The fingerprint holds the global batch, not
+its split: a run resumes with another number of processes when the global batch stays the same, and is refused
+(naming what to set) when it would change. Ctrl-C writes a checkpoint before exiting (one process); a non-finite
+loss stops the run, keeping the last good one.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import safety, sources, tracking
+from . import distributed, safety, sources, tracking
 from .artifacts import (
     CHECKPOINT_LORA,
     CHECKPOINT_STATE,
@@ -71,7 +77,10 @@ log = logging.getLogger(__name__)
 # train.* settings that do not change the trained weights, left out of the checkpoint fingerprint (a restart with
 # new values still resumes); a new setting of that kind goes here
 NOT_IN_FINGERPRINT = frozenset({"output", "checkpoint_dir", "log_every", "sample_every", "checkpoint_every",
-                                "keep_checkpoints", "num_workers"})
+                                "keep_checkpoints", "num_workers",
+                                # how the global batch is split over processes and micro-batches: the
+                                # fingerprint holds its size (global_batch), the same weights for any split
+                                "num_processes", "batch_size", "gradient_accumulation_steps"})
 UNFINISHED = {"RUNNING", "KILLED", "FAILED"}  # MLflow run states a resumed run may continue
 PLOT_COLUMNS = ("step", "loss", "fusion_weight", "fusion_cos", "fusion_ref_norm", "val_loss", "lr")
 
@@ -80,10 +89,17 @@ class NonFiniteLoss(FluxfillError):
     pass
 
 
-def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code: str | None = None) -> str:
+def global_batch(t) -> int:
+    """Samples per optimizer step: num_processes x batch_size x gradient_accumulation_steps."""
+    return t.num_processes * t.batch_size * t.gradient_accumulation_steps
+
+
+def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code: str | None = None,
+                       with_batch: bool = True) -> str:
     """What the weights at each step are a function of; checkpoints live in ``<checkpoint_dir>/<fingerprint>``.
 
-    - every model, fusion and train setting except :data:`NOT_IN_FINGERPRINT`;
+    - every model, fusion and train setting except :data:`NOT_IN_FINGERPRINT`, and the global batch (without it
+      with ``with_batch=False``: the configuration whatever its batch, to find checkpoints of another split);
     - the latent cache (its whole ``meta.json``: settings, code version, manifest hash, samples);
     - the code: :func:`fluxfill.sources.module_digest` of this module, i.e. every fluxfill file training imports;
     - the device kind, which resolves the ``auto`` settings (precision, compile).
@@ -95,6 +111,8 @@ def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code:
     step from max_steps, so there max_steps is part of the fingerprint.
     """
     train = {k: v for k, v in params.train.model_dump().items() if k not in NOT_IN_FINGERPRINT}
+    if with_batch:
+        train["global_batch"] = global_batch(params.train)
     if params.train.lr_scheduler == "constant":
         train.pop("max_steps")
     blob = {"model": params.model.model_dump(), "fusion": params.fusion.model_dump(), "train": train,
@@ -103,21 +121,36 @@ def config_fingerprint(params: Params, cache_meta: dict, device_type: str, code:
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Batches of indices as a function of (seed, micro-step): epoch e is randperm(n) seeded by seed + e.
+    """This process's micro-batches of indices, a function of (seed, step, position in the global batch) only.
 
-    Starting at ``start`` micro-steps reproduces exactly the batches an uninterrupted run would see next.
+    Optimizer step s trains on the global batch perm[k*G:(k+1)*G], G = world x batch_size x accum, with
+    (e, k) = divmod(s, n // G) and perm = randperm(n) seeded by seed + e. Micro-step j of step s on rank r takes
+    the positions j*world*b + r*b ... + b-1 of it. Starting at ``start`` micro-steps reproduces exactly the
+    batches an uninterrupted run would see next, with any split of the same global batch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None):
-        if n < batch_size:
-            raise FluxfillError(f"train.batch_size {batch_size} exceeds the {n} training samples in the cache")
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None,
+                 accum: int = 1, world: int = 1, rank: int = 0):
         self.n, self.bs, self.seed, self.start, self.total = n, batch_size, seed, start, total
-        self.per_epoch = n // batch_size
+        self.accum, self.world, self.rank = accum, world, rank
+        self.global_batch = world * batch_size * accum
+        if n < self.global_batch:
+            raise FluxfillError(f"the global batch of {self.global_batch} (train.num_processes {world} x batch_size "
+                                f"{batch_size} x gradient_accumulation_steps {accum}) exceeds the {n} training "
+                                "samples in the cache")
+        self.per_epoch = n // self.global_batch
+
+    def positions(self, i: int) -> tuple[int, range]:
+        """(optimizer step, positions in its global batch) of micro-step ``i`` on this rank."""
+        step, j = divmod(i, self.accum)
+        first = (j * self.world + self.rank) * self.bs
+        return step, range(first, first + self.bs)
 
     def batch(self, i: int) -> list[int]:
-        epoch, k = divmod(i, self.per_epoch)
+        step, pos = self.positions(i)
+        epoch, k = divmod(step, self.per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return perm[k * self.bs:(k + 1) * self.bs].tolist()
+        return perm[k * self.global_batch:(k + 1) * self.global_batch][pos.start:pos.stop].tolist()
 
     def __iter__(self):
         i = self.start
@@ -129,11 +162,10 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.total or 0) - self.start
 
 
-def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Generator:
-    """The noise/σ generator of one micro-step: independent of how the run was split into restarts."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + micro_step * 9_176 + rank) % (2**63))
-    return g
+def sample_generators(seed: int, step: int, positions: range, device) -> list[torch.Generator]:
+    """One σ/noise generator per sample, seeded by (seed, optimizer step, position in the global batch)."""
+    return [torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1_000_033 + p) % (2**63))
+            for p in positions]
 
 
 def _optimizer(params: Params, transformer, fusion, device):
@@ -251,13 +283,16 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
 
     from accelerate import Accelerator
 
-    t = params.train
     cache = LatentCache(params.encode.output, "train", expect={
         k: v for k, v in settings(params).items() if k in ("preset", "pretrained", "panel_size", "max_sequence_length")})
-    mixed = t.mixed_precision
+    mixed = params.train.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    # the schedule counts optimizer steps, however many processes share them (so a resume may change that number)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.train.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False, cpu=distributed.use_cpu())
+    params = distributed.with_world_size(params, accelerator.num_processes)
+    t = params.train
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(t.seed)
     fingerprint = config_fingerprint(params, cache.meta, device.type)
@@ -270,6 +305,8 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
     accelerator.wait_for_everyone()
     if (done := already_trained(params, ckpt_root)) is not None:
         return done
+    if not fresh and resumable(ckpt_root, t.max_steps) is None:
+        _refuse_another_split(params, cache.meta, device.type)
 
     transformer, fusion, optimizer, scheduler = _build(params, accelerator, cache, mixed)
     start, history, run_id, resumed_run = 0, [], None, None
@@ -282,14 +319,18 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
                  "was started with another train.max_steps)")
 
     accum = t.gradient_accumulation_steps
-    sampler = StepSampler(len(cache), t.batch_size, t.seed + accelerator.process_index,
-                          start=start * accum, total=t.max_steps * accum)
+    sampler = StepSampler(len(cache), t.batch_size, t.seed, start=start * accum, total=t.max_steps * accum,
+                          accum=accum, world=accelerator.num_processes, rank=accelerator.process_index)
     loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=cache.collate,
                                          num_workers=t.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=t.num_workers > 0)
 
     tags = {"accelerate.world_size": str(accelerator.num_processes), "accelerate.mixed_precision": mixed,
+            "accelerate.distributed_type": str(accelerator.distributed_type).split(".")[-1],
             "fluxfill.fingerprint": fingerprint}
+    split = {"family": config_fingerprint(params, cache.meta, device.type, with_batch=False),
+             "world_size": t.num_processes, "batch_size": t.batch_size, "gradient_accumulation_steps": accum,
+             "global_batch": global_batch(t)}
     if start and run_id is None:
         tags |= {"fluxfill.resumed_from_step": str(start), "fluxfill.resumed_from_run": str(resumed_run)}
     new_run = main and run_id is None
@@ -303,14 +344,14 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
         if main:
             mlflow.log_param("fusion.init_method", accelerator.unwrap_model(fusion).init_method)
         result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after, _val_cache(params))
+                       start, run_id, history, stop_after, split, _val_cache(params))
         if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
             if main:
                 tracking.end_run_unfinished()
             return result
         accelerator.wait_for_everyone()
+        _write_outputs(params, accelerator, transformer, fusion, run, history, result)  # every rank: FSDP gathers
         if main:
-            _write_outputs(params, accelerator, transformer, fusion, run, history, result)
             record = {"outputs": _digests(_output_files(params)), "result": asdict(result)}
             _finished_record(ckpt_root, t.max_steps).parent.mkdir(parents=True, exist_ok=True)
             _finished_record(ckpt_root, t.max_steps).write_text(json.dumps(record, indent=2) + "\n")
@@ -322,8 +363,6 @@ def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
     checkpoint hooks that save only the trainable weights."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
 
     t, device = params.train, accelerator.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
@@ -343,62 +382,98 @@ def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
     transformer.train()
     optimizer = _optimizer(params, transformer, fusion, device)
     scheduler = get_scheduler("constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler, optimizer,
-                              num_warmup_steps=t.warmup_steps * accelerator.num_processes,
-                              num_training_steps=t.max_steps * accelerator.num_processes)
+                              num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     transformer, fusion, optimizer, scheduler = accelerator.prepare(transformer, fusion, optimizer, scheduler)
     if t.compile is True or (t.compile == "auto" and on_cuda):
         for block in (*accelerator.unwrap_model(transformer).transformer_blocks,
                       *accelerator.unwrap_model(transformer).single_transformer_blocks):
             block.compile()
-
-    def save_hook(models, weights, output_dir):  # only the trainable weights, not the frozen 12B base
-        for m in models:
-            m = accelerator.unwrap_model(m)
-            if isinstance(m, SemanticFusion):
-                m.save(Path(output_dir) / FUSION_FILE)
-            else:
-                save_file(get_peft_model_state_dict(m), str(Path(output_dir) / CHECKPOINT_LORA))
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        while models:
-            m = accelerator.unwrap_model(models.pop())
-            if isinstance(m, SemanticFusion):
-                m.load_state_dict(SemanticFusion.load(Path(input_dir) / FUSION_FILE).state_dict())
-            else:
-                set_peft_model_state_dict(m, load_file(str(Path(input_dir) / CHECKPOINT_LORA)))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    _register_state_hooks(accelerator)
     return transformer, fusion, optimizer, scheduler
 
 
+def _register_state_hooks(accelerator) -> None:
+    """Checkpoints hold the trainable tensors (LoRA, fusion), not the frozen base; FSDP shards are gathered."""
+    from safetensors.torch import load_file, save_file
+
+    def path(folder, model) -> Path:
+        return Path(folder) / (FUSION_FILE if isinstance(accelerator.unwrap_model(model), SemanticFusion)
+                               else CHECKPOINT_LORA)
+
+    def save_hook(models, weights, output_dir):
+        for m in models:
+            state = distributed.trainable_state_dict(m)  # every rank (FSDP gathers), the main process writes
+            if accelerator.is_main_process:
+                save_file(state, str(path(output_dir, m)))
+        weights.clear()
+
+    def load_hook(models, input_dir):  # under FSDP accelerate loads the models itself and passes none here
+        while models:
+            m = models.pop()
+            distributed.load_trainable_state_dict(m, load_file(str(path(input_dir, m))), path(input_dir, m))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _refuse_another_split(params: Params, cache_meta: dict, device_type: str) -> None:
+    """Refuse to start over when this configuration has checkpoints from another number of processes whose
+    global batch differs from this run's: resuming them needs the same global batch (``--fresh`` starts over)."""
+    t = params.train
+    family = config_fingerprint(params, cache_meta, device_type, with_batch=False)
+    for path in sorted(Path(t.checkpoint_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STATE}")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict) or state.get("family") != family or state.get("world_size") == t.num_processes:
+            continue
+        g, n, a = state["global_batch"], t.num_processes, t.gradient_accumulation_steps
+        keep = (f"train.batch_size={g // (n * a)}" if g % (n * a) == 0 else
+                f"train.gradient_accumulation_steps={g // (n * t.batch_size)}" if g % (n * t.batch_size) == 0 else
+                f"train.num_processes={state['world_size']}")
+        raise FluxfillError(
+            f"{path.parent} holds step {state['step']} of this configuration at global batch {g} "
+            f"({state['world_size']} processes x batch_size {state['batch_size']} x gradient_accumulation_steps "
+            f"{state['gradient_accumulation_steps']}); {n} x {t.batch_size} x {a} = {global_batch(t)} would start "
+            f"another run. To continue it with {n} process{'es' if n > 1 else ''} set {keep}; to train at global "
+            f"batch {global_batch(t)} instead, start over with --fresh")
+
+
 def _write_outputs(params: Params, accelerator, transformer, fusion, run, history, result: TrainResult) -> None:
-    """LoRA, fusion, run reference, metrics and plot of a finished run; only these files are replaced."""
+    """LoRA, fusion, run reference, metrics and plot of a finished run; only these files are replaced.
+
+    Every rank calls it (FSDP gathers the shards and generates the sample grid on all ranks); the main process
+    writes and logs.
+    """
     import mlflow
     from diffusers import FluxFillPipeline
     from peft.utils import get_peft_model_state_dict
 
     unwrapped = accelerator.unwrap_model(transformer)
-    fusion_module = accelerator.unwrap_model(fusion)
+    trainable = distributed.trainable_state_dict(unwrapped)
+    fusion_module = _full_fusion(accelerator.unwrap_model(fusion))
     out_dir = Path(params.train.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
-        shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
-    # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
-    FluxFillPipeline.save_lora_weights(
-        out_dir / LORA_DIR, safe_serialization=True,
-        transformer_lora_layers=get_peft_model_state_dict(unwrapped),
-        transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
-    canonical_safetensors_header(lora_weights(out_dir))
-    fusion_module.save(out_dir / FUSION_FILE)
-    tracking.write_run_ref(run, out_dir)
-    _write_metrics(history, result)
-    _write_timing(result, accelerator.device)
-    _log_samples(params, unwrapped, fusion_module, result.steps)
-    mlflow.log_artifacts(str(out_dir), "model")
-    tracking.tag_outputs(out_dir)
-    register_trained_model(params, out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
+            shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
+        # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
+        FluxFillPipeline.save_lora_weights(
+            out_dir / LORA_DIR, safe_serialization=True,
+            transformer_lora_layers=get_peft_model_state_dict(unwrapped, state_dict=trainable),
+            transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
+        canonical_safetensors_header(lora_weights(out_dir))
+        fusion_module.save(out_dir / FUSION_FILE)
+        tracking.write_run_ref(run, out_dir)
+        _write_metrics(history, result)
+        _write_timing(result, accelerator.device)
+    _log_samples(params, accelerator, transformer, fusion, result.steps)
+    if accelerator.is_main_process:
+        mlflow.log_artifacts(str(out_dir), "model")
+        tracking.tag_outputs(out_dir)
+        register_trained_model(params, out_dir)
+
 
 
 def _val_cache(params: Params) -> LatentCache | None:
@@ -430,7 +505,7 @@ def _validate(params: Params, accelerator, transformer, fusion, val_cache, step:
 
 
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
-          history, stop_after, val_cache=None) -> TrainResult:
+          history, stop_after, split: dict, val_cache=None) -> TrainResult:
     """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
     The step's loss, gradient norm and α stay on the device until a log step (``train.log_every``), a checkpoint
@@ -441,14 +516,16 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
     def checkpoint(step: int) -> None:
+        tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
+        if main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every rank: its RNG state (and FSDP shards); the main process the rest
         accelerator.wait_for_everyone()
         if not main:
             return
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.save_state(str(tmp))
-        state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history}
+        state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history, **split}
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
         final = ckpt_root / f"checkpoint-{step:06d}"
         shutil.rmtree(final, ignore_errors=True)
@@ -458,6 +535,7 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             shutil.rmtree(old, ignore_errors=True)
 
     fusion_module = accelerator.unwrap_model(fusion)
+    sampler = loader.batch_sampler
     step, window_t, window_samples = start, time.perf_counter(), 0
     samples_per_s, losses, pending = 0.0, [], []
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
@@ -478,15 +556,17 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             if step >= end:
                 break
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            distributed.fail_point(accelerator.process_index, step + 1)
             with accelerator.accumulate(transformer, fusion):
-                gen = step_generator(t.seed, micro, accelerator.process_index, device)
-                out = flow_matching_step(transformer, fusion, batch, t.loss_region, generator=gen)
+                gens = sample_generators(t.seed, *sampler.positions(micro), device)
+                out = flow_matching_step(transformer, fusion, batch, t.loss_region, generator=gens)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
                         [p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                    scheduler.step()  # once per optimizer step (the scheduler is not tied to the optimizer)
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
             losses.append(out.loss.detach())
@@ -495,7 +575,7 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 continue
             step += 1
             bar.update(1)
-            stats = fusion_module.stat_tensors(batch["pooled_prompt_embeds"], batch.get("image_embeds"))
+            stats = _full_fusion(fusion_module).stat_tensors(batch["pooled_prompt_embeds"], batch.get("image_embeds"))
             pending.append(_pending_row(step, losses, grad_norm, stats, scheduler.get_last_lr()[0], device))
             losses = []
             val_step = t.val_every and (step % t.val_every == 0 or step == t.max_steps)
@@ -516,9 +596,12 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 validate(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
                 checkpoint(step)
-            if main and t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
-                _log_samples(params, accelerator.unwrap_model(transformer), fusion_module, step)
+            if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
+                _log_samples(params, accelerator, transformer, fusion, step)
     except KeyboardInterrupt:
+        if world > 1:  # the ranks stop at different points: collectives for a checkpoint could wait forever
+            log.warning("interrupted at step %d: %d processes resume from the last periodic checkpoint", step, world)
+            raise
         log.warning("interrupted at step %d: writing a checkpoint", step)
         history.extend(_flush(pending, accelerator, ckpt_root) if pending else [])
         checkpoint(step)
@@ -541,8 +624,8 @@ def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, stats: dict, 
 def _flush(pending: list[tuple], accelerator, ckpt_root: Path) -> list[dict]:
     """The pending steps as history rows, with one host sync; a non-finite loss stops the run."""
     values = torch.stack([v for *_, v in pending])  # [K, 2|5]
-    losses = accelerator.reduce(values[:, 0].contiguous(), "mean")  # [K] the mean over processes
-    values = torch.cat([losses[:, None], values[:, 1:]], dim=1).tolist()  # [K, 2|5] on the host: the sync
+    # the mean over processes: loss and fusion stats of the global batch (grad_norm and α agree on every rank)
+    values = accelerator.reduce(values.contiguous(), "mean").tolist()  # [K, 2|5] on the host: the sync
     rows = []
     for (step, lr, names, _), v in zip(pending, values, strict=True):
         if not math.isfinite(v[0]):
@@ -563,8 +646,20 @@ def _log_rows(rows: list[dict], samples_per_s: float) -> None:
     mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics, synchronous=False)
 
 
+def _full_fusion(fusion: SemanticFusion) -> SemanticFusion:
+    """``fusion``, or under FSDP a plain copy of it with the gathered tensors (an all-gather: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in fusion.parameters()):
+        return fusion
+    full = SemanticFusion(fusion.mode, fusion.pooled_dim, fusion.image_embed_dim)
+    full.load_state_dict({n: p.full_tensor().detach() for n, p in fusion.named_parameters()})
+    full.init_method = fusion.init_method
+    return full.to(fusion.theta.device)
+
+
 def _alpha(fusion: SemanticFusion) -> float | None:
-    a = fusion.alpha
+    a = _full_fusion(fusion).alpha
     return None if a is None else float(a.detach())
 
 
@@ -622,10 +717,17 @@ def _load_checkpoint(accelerator, ckpt: Path) -> dict:
     return state
 
 
-def _log_samples(params: Params, transformer, fusion, step: int) -> None:
-    """A sample grid [reference | source | generated | target] of validation samples, logged to MLflow."""
-    grid = training_sample_grid(params, transformer, fusion)
-    if grid is not None:
+def _log_samples(params: Params, accelerator, transformer, fusion, step: int) -> None:
+    """A sample grid [reference | source | generated | target] of validation samples, logged to MLflow.
+
+    The main process generates it; under FSDP every rank does (the sharded model needs them all).
+    """
+    from accelerate.utils import DistributedType
+
+    if not accelerator.is_main_process and accelerator.distributed_type != DistributedType.FSDP:
+        return
+    grid = training_sample_grid(params, accelerator.unwrap_model(transformer), accelerator.unwrap_model(fusion))
+    if grid is not None and accelerator.is_main_process:
         tracking.log_image(grid, f"step_{step:06d}", folder="samples")
 
 
@@ -634,13 +736,34 @@ def add_arguments(parser) -> None:
                         help="delete this configuration's checkpoints (only those) and train from step 0")
 
 
+def _worker_argv(args) -> list[str]:
+    """The command line each worker runs: this one (--fresh included: the main worker applies it)."""
+    argv = ["-v"] if args.verbose else []
+    argv += ["train", *(["--params", args.params] if args.params else []), *(["--fresh"] if args.fresh else [])]
+    return argv + [a for o in args.overrides for a in ("--set", o)]
+
+
 def run(params: Params, args) -> int:
     safety.check_outputs(params, "train")  # the CLI holds the training lock (fluxfill.cli.LOCKED)
+    world = distributed.launched_world_size()
     try:
-        result = train(params, fresh=args.fresh)
+        if world is None and params.train.num_processes > 1:  # start the workers; each runs this command
+            distributed.launch(params.train.num_processes, _worker_argv(args))
+            return 0
+        if world is not None:
+            distributed.stop_on_sigterm()
+        try:
+            result = train(params, fresh=args.fresh)
+        except BaseException as e:
+            distributed.record_failure(e)
+            raise
     except KeyboardInterrupt:
-        print("train: interrupted; a checkpoint was written, run `fluxfill train` again to resume", file=sys.stderr)
+        done = "a checkpoint was written" if (world or params.train.num_processes) == 1 else \
+            "checkpoints are written every train.checkpoint_every steps"
+        print(f"train: interrupted; {done}, run `fluxfill train` again to resume", file=sys.stderr)
         return 130
+    if not distributed.is_main_process():
+        return 0
     if result.skipped:
         print(f"train: nothing to do: this configuration already finished {result.steps} steps in MLflow run "
               f"{result.run_id}, and {params.train.output}/, {TRAIN_METRICS} and {TRAIN_PLOT} still hold its outputs; "

@@ -303,7 +303,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         _wait_for(lambda: served("sweep-diptych/local"), 60, "python -m flows.serve did not create "
                   "sweep-diptych/local beside train-diptych/local", [serve_log])
 
-        overrides = {**SMALL, "fusion.init": 0.3}
+        overrides = {**SMALL, "fusion.init": 0.3, "train.num_processes": 2}  # training: 2 gloo workers
         run = subprocess.run(
             [str(bindir / "prefect"), "deployment", "run", "train-diptych/local", "-p",
              f"overrides={json.dumps(overrides)}", "-p", "run_name=ci-served", "--watch", "--watch-timeout", "600"],
@@ -316,6 +316,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         # the overrides are in params.yaml and dvc.lock; `dvc repro` has nothing left to do
         params = load_params(repo / "params.yaml")
         assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (3, 0.3, "ci-served")
+        assert params.train.num_processes == 2
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
                                 capture_output=True, text=True, check=True)
         assert json.loads(status.stdout) == {}
@@ -331,6 +332,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"
         assert mlrun.data.params["train.max_steps"] == "3" and mlrun.data.params["fusion.init"] == "0.3"
+        assert mlrun.data.tags["accelerate.world_size"] == "2" and mlrun.data.params["train.num_processes"] == "2"
         assert json.loads(mlrun.data.tags["fluxfill.overrides"])["fusion.init"] == 0.3
         history = client.get_metric_history(ref["run_id"], "fusion_weight")
         assert [m.step for m in history] == [1, 2, 3]

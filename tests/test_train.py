@@ -303,6 +303,9 @@ def test_config_fingerprint_covers_what_the_weights_depend_on():
                     fp(meta={**meta, "manifest_sha256": "b"}), fp(code="edited"), fp(device="cuda")):
         assert changed != base
     assert config_fingerprint(validate({"fusion": {"mode": "none"}}), meta, "cpu", code) != base
+    # the global batch, not its split over processes and micro-batches (default batch 4)
+    assert fp(num_processes=2, batch_size=2) == fp(batch_size=2, gradient_accumulation_steps=2) == base
+    assert fp(num_processes=2) != base
 
 
 def own_experiment(raw: dict, name: str) -> dict:
