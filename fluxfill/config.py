@@ -66,6 +66,11 @@ class DataConfig(Section):
             raise ValueError("must contain the placeholder {instruction}")
         return v
 
+    @property
+    def task_instruction(self) -> str:
+        """``instruction``, or the demo task's own when it is null."""
+        return TASK_INSTRUCTIONS[self.demo_task] if self.instruction is None else self.instruction
+
 
 class ModelConfig(Section):
     preset: Literal["tiny", "flux-fill-dev", "flux-fill-dev-random"] = "tiny"
@@ -193,7 +198,7 @@ class ModelSpec(Section):
     @classmethod
     def from_params(cls, params: Params, version: str, with_eval: bool = False) -> ModelSpec:
         return cls(fluxfill_version=version, model=params.model, panel_size=params.data.panel_size,
-                   prompt_template=params.data.prompt_template, instruction=params.data.instruction,
+                   prompt_template=params.data.prompt_template, instruction=params.data.task_instruction,
                    lora=params.train.lora, fusion=params.fusion, eval=params.eval if with_eval else None)
 
     @property

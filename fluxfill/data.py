@@ -56,7 +56,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from .artifacts import MANIFEST, damaged, reading
-from .config import TASK_INSTRUCTIONS, DataConfig, FluxfillError
+from .config import DataConfig, FluxfillError
 from .panels import build_panels, fit_panel, to_rgb
 from .safety import check_outputs
 
@@ -365,7 +365,7 @@ def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def _prompt(cfg: DataConfig) -> str:
-    instruction = TASK_INSTRUCTIONS[cfg.demo_task] if cfg.instruction is None else cfg.instruction
+    instruction = cfg.task_instruction
     try:
         return cfg.prompt_template.format(instruction=instruction)
     except (KeyError, IndexError, ValueError) as e:
