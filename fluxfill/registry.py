@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from . import __version__, tracking
+from .artifacts import SPEC_FILE
 from .config import FluxfillError, ModelSpec, Params, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,6 @@ def requirements() -> list[str]:
 
 # ---------------------------------------------------------------------------------------- registering
 def write_spec(params: Params, folder: Path, with_eval: bool = False) -> ModelSpec:
-    from .sampling import SPEC_FILE
-
     spec = ModelSpec.from_params(params, __version__, with_eval=with_eval)
     (folder / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
     return spec
@@ -150,14 +149,13 @@ def version_tags(params: Params) -> dict[str, str]:
 
 
 def register_trained_model(params: Params, out_dir: Path):
-    """Write ``fluxfill_model.json`` into ``out_dir`` and register the active run's model; returns the version.
+    """Register the active run's model (LoRA, fusion file and spec in ``out_dir``); returns the version.
 
-    Call at the end of a finished training run, inside its MLflow run, after the LoRA and fusion file are written.
+    Call at the end of a finished training run, inside its MLflow run, after ``out_dir`` is written.
     Returns None (nothing registered) when ``tracking.registered_model`` is null.
     """
     from .artifacts import FUSION_FILE, LORA_DIR
 
-    write_spec(params, out_dir)
     name = params.tracking.registered_model
     run = mlflow.active_run()
     if not name or run is None:

@@ -38,7 +38,6 @@ from .panels import Panels
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "fluxfill_model.json"
 GRID_LABELS = ("reference", "source", "generated", "target")
 
 

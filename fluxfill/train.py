@@ -54,6 +54,7 @@ from .artifacts import (
     CHECKPOINT_STATE,
     FUSION_FILE,
     LORA_DIR,
+    SPEC_FILE,
     TRAIN_METRICS,
     TRAIN_PLOT,
     TRAIN_TIMING,
@@ -69,7 +70,7 @@ from .encode import LatentCache, settings
 from .fusion import SemanticFusion, build_fusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
-from .registry import register_trained_model
+from .registry import register_trained_model, write_spec
 from .sampling import training_sample_grid
 from .validation import validation_loss
 
@@ -456,7 +457,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
     out_dir = Path(params.train.output)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
+        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE, out_dir / SPEC_FILE):  # what this stage wrote before
             shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
         # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
         FluxFillPipeline.save_lora_weights(
@@ -465,6 +466,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
             transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
         canonical_safetensors_header(lora_weights(out_dir))
         fusion_module.save(out_dir / FUSION_FILE)
+        write_spec(params, out_dir)  # the folder is complete: its digest keys the run reference
         tracking.write_run_ref(run, out_dir)
         _write_metrics(history, result)
         _write_timing(result, accelerator.device)
