@@ -48,13 +48,13 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifacts import FUSION_FILE, LORA_DIR
+from .artifacts import FUSION_FILE, LORA_DIR, SPEC_FILE
 from .config import EvalConfig, FluxfillError, ModelSpec, Params, load_params, repo_root
 from .data import open_checked, read_image
 from .fusion import SemanticFusion
 from .models import best_device, load_pipeline, resolve_dtype
 from .panels import Panels, concat, fit_panel, to_rgb
-from .sampling import SPEC_FILE, fusion_encoders, generate, load_fusion, load_lora
+from .sampling import fusion_encoders, generate, load_fusion, load_lora
 
 log = logging.getLogger(__name__)
 
