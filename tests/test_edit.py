@@ -71,7 +71,7 @@ def test_edit_odd_grey_rgba_and_exif_rotated_sources(tmp_path, model_dir, monkey
         edited = Image.open(tmp_path / "out" / f"{stem}.png")
         assert edited.size == size and edited.mode == "RGB" and np.asarray(edited).std() > 1
         assert edited.text == {
-            "prompt": validate({}).data.prompt_template.format(instruction=validate({}).data.instruction),
+            "prompt": validate({}).data.prompt_template.format(instruction=validate({}).data.task_instruction),
             "seed": str(11 + k), "steps": "1", "guidance": "30", "fusion_mode": "learned", "alpha": "0.300000",
             "model": str(model_dir), "panel_size": "64", "fluxfill_version": __version__,
             "source": str(next(src.glob(stem + ".*")).relative_to(tmp_path)), "reference": "ref.jpg"}
@@ -143,7 +143,7 @@ def test_python_api(tmp_path, model_dir, model_factory, monkeypatch):
     plain = Editor.load(folder, device="cpu")
     assert plain.alpha is None and plain(source, steps=1).size == (90, 70)  # no reference needed
     (folder / "fusion.safetensors").write_bytes((model_dir / "fusion.safetensors").read_bytes())
-    with pytest.raises(FluxfillError, match=r"holds fusion mode 'pooled' but .* says 'none': the folder mixes two runs"):
+    with pytest.raises(FluxfillError, match=r"holds fusion mode 'learned' but .* says 'none': the folder mixes two runs"):
         Editor.load(folder)
     (folder / "fluxfill_model.json").write_text("{\"model\": 3}")
     with pytest.raises(FluxfillError, match=r"fluxfill_model.json: not a valid fluxfill model spec"):

@@ -96,7 +96,7 @@ def repo(trained, monkeypatch):
 def test_finished_training_registers_a_tagged_version(repo):
     spec = ModelSpec.model_validate_json((repo["root"] / "models" / "fluxfill_model.json").read_text())
     assert (spec.model.preset, spec.panel_size, spec.fusion.mode, spec.lora.rank, spec.eval) == ("tiny", 64, "learned", 16, None)
-    assert spec.prompt == repo["params"].data.prompt_template.format(instruction=repo["params"].data.instruction)
+    assert spec.prompt == repo["params"].data.prompt_template.format(instruction=repo["params"].data.task_instruction)
     client = mlflow.MlflowClient()
     [version] = client.search_model_versions(f"name = '{NAME}'")
     assert (str(version.version), version.run_id) == ("1", repo["run_id"])
@@ -127,6 +127,8 @@ def test_registered_model_null_registers_nothing(repo, tmp_path):
     params = validate({"tracking": {"tracking_uri": repo["uri"], "registered_model": None}})
     with mlflow.start_run():
         assert registry.register_trained_model(params, tmp_path) is None
+    assert not (tmp_path / "fluxfill_model.json").exists()  # training writes the spec with the weights
+    registry.write_spec(params, tmp_path)
     assert ModelSpec.model_validate_json((tmp_path / "fluxfill_model.json").read_text()).panel_size == 512
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")) == 1
 
