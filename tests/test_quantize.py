@@ -100,3 +100,15 @@ def test_a_torchao_failure_names_the_setting(monkeypatch):
 def test_unknown_mode_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model.quantize: Input should be 'none', 'fp8', 'int8' or 'nf4'"):
         validate({"model": {"quantize": "int4"}})
+
+
+def test_changing_quantize_does_not_make_the_encode_stage_stale():
+    """dvc.yaml lists every model key the encode stage depends on, and not model.quantize (transformer only)."""
+    from pathlib import Path
+
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    listed = set(stages["encode"]["params"])
+    assert {f"model.{k}" for k in ModelConfig.model_fields} - listed == {"model.quantize"}
+    assert "model" not in listed and "model" in stages["train"]["params"]
