@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import make_prepared, params, write_result
+from bench.common import params, write_result
 from fluxfill import encode as encode_module
+from tests.helpers import make_prepared
 
 SAMPLES, PANEL = 16, 512
 

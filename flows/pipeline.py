@@ -13,7 +13,8 @@
    Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
 4. leaves ``dvc.lock`` up to date (checked with ``dvc status``), so ``dvc repro`` has nothing to do;
 5. with a ``run_name``, records the workspace as DVC experiment ``run_name`` (``dvc exp show``);
-6. publishes Prefect artifacts: a summary, a table of the metrics, the MLflow run's address.
+6. publishes Prefect artifacts: a summary (with the model version training registered), a table of the
+   metrics, the MLflow run's address.
 
 Stages are not retried: a failed training is a result to read, not a glitch. Calls to MLflow are.
 Flows work in the repository found from the current directory (``python -m flows.serve`` moves there).
@@ -32,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from fluxfill import sweep
 from fluxfill.compare import format_runs
 from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
-from fluxfill.tracking import RUN_REF_FILE, read_run_ref
+from fluxfill.tracking import read_run_ref, ui_url
 
 from . import workspace
 from .workspace import StageFailed, StageRun
@@ -84,20 +85,27 @@ def exp_save(root: Path, name: str) -> str:
 
 
 @task(name="mlflow-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
-def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Look up the MLflow run in ``ref`` (its name and status) and set ``tags`` on it. Retried."""
+def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None,
+               registered_model: str | None = None) -> dict[str, Any]:
+    """Look up the MLflow run in ``ref`` (name, status, the model versions it registered); tag it and them. Retried."""
     from mlflow.tracking import MlflowClient
+
+    from fluxfill.registry import run_versions
 
     client = MlflowClient(tracking_uri=ref["tracking_uri"])
     run = client.get_run(ref["run_id"])
+    versions = run_versions(client, registered_model, run.info.run_id) if registered_model else []
     for key, value in (tags or {}).items():
         client.set_tag(run.info.run_id, key, value)
+        for v in versions:
+            client.set_model_version_tag(v.name, v.version, key, value)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "experiment_id": run.info.experiment_id,
         "status": run.info.status,
         "tracking_uri": ref["tracking_uri"],
+        "model_versions": [{"name": v.name, "version": str(v.version)} for v in versions],
     }
 
 
@@ -123,13 +131,13 @@ def encode_latents(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 @flow(name="train")
 def train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``train``: LoRA + fusion weight in models/, metrics/train.json, an MLflow run."""
+    """DVC stage ``train``: LoRA + fusion weight in train.output, the training metrics, an MLflow run."""
     return _stage_flow("train", overrides)
 
 
 @flow(name="evaluate")
 def evaluate(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``evaluate``: metrics/eval.json and sample panels in eval/."""
+    """DVC stage ``evaluate``: the evaluation metrics and sample panels in eval.output."""
     return _stage_flow("evaluate", overrides)
 
 
@@ -150,13 +158,13 @@ def mlflow_ui_url(info: dict[str, Any]) -> str | None:
     uri = info["tracking_uri"]
     if not uri.startswith(("http://", "https://")):
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    return ui_url(uri, info["experiment_id"], info["run_id"])
 
 
 def _mlflow_ui_hint(info: dict[str, Any]) -> str:
     """How to see a run kept in a local database (sqlite, files): there is no URL until ``mlflow ui`` runs."""
     return (f"`mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1`, then open "
-            f"http://127.0.0.1:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}")
+            + ui_url("http://127.0.0.1:5000", info["experiment_id"], info["run_id"]))
 
 
 def summary_markdown(
@@ -183,6 +191,10 @@ def summary_markdown(
         url = mlflow_ui_url(mlflow_info)
         lines.append(f"\n**MLflow**: run `{mlflow_info['run_name']}` (`{mlflow_info['run_id']}`, "
                      f"{mlflow_info['status']}): " + (f"[open]({url})" if url else _mlflow_ui_hint(mlflow_info)))
+        for v in mlflow_info.get("model_versions", []):
+            uri = f"models:/{v['name']}/{v['version']}"
+            lines.append(f"\n**Model version**: `{v['name']}` version {v['version']} (`{uri}`; "
+                         f"`fluxfill promote {v['version']} --alias champion`, `fluxfill edit --model {uri}`)")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -284,19 +296,19 @@ def train_diptych(
         notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
 
     mlflow_info = None
-    ref = read_run_ref(root / params.train.output / RUN_REF_FILE)
+    ref = read_run_ref(root / params.train.output, root)
     if ref:
         trained = any(r.stage == "train" and r.status == "ran" for r in runs)
         tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
         try:
-            mlflow_info = mlflow_run(ref, tags)
+            mlflow_info = mlflow_run(ref, tags, params.tracking.registered_model)
         except Exception as e:  # retried already; the stages' results stand, the link is what is missing
             notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
             logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)
         if not trained:
             notes.append("training did not run in this flow run: the MLflow run is the earlier one")
     else:
-        notes.append(f"no {params.train.output}/{RUN_REF_FILE}: no MLflow run to link")
+        notes.append(f"no MLflow run is known for the weights in {params.train.output}/: no MLflow run to link")
 
     if run_name and save_experiment:
         try:

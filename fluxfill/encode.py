@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,16 +35,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, reading
 from .config import FluxfillError, Params
+from .data import read_manifest
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
 from .models import DTYPES, best_device, load_component, resolve_dtype
-from .panels import panels_from_triptych
+from .panels import Panels, panels_from_triptych
+from .safety import check_outputs
 
 log = logging.getLogger(__name__)
 PHASES = ("text", "vae", "vision")
-META = "meta.json"
-GEOMETRY = "geometry.safetensors"
-MANIFEST = "manifest.csv"
+META, GEOMETRY = CACHE_META, CACHE_GEOMETRY
+# what training reads from meta.json: a file without these keys was written by another version
+META_KEYS = ("preset", "panel_size", "max_sequence_length", "code_version", "manifest_sha256", "shards", "samples")
 
 
 def code_version() -> str:
@@ -74,15 +78,18 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(prepared: Path) -> pd.DataFrame:
-    path = prepared / MANIFEST
-    if not path.exists():
-        raise FluxfillError(f"{path} not found: run `fluxfill prepare` (or `dvc repro prepare`) first")
-    df = pd.read_csv(path, keep_default_na=False)
-    missing = {"id", "split", "prompt", "file", "sha256"} - set(df.columns)
-    if missing:
-        raise FluxfillError(f"{path}: missing columns {sorted(missing)}; re-run `fluxfill prepare`")
-    return df
+def load_triptychs(prepared: Path, rows: pd.DataFrame) -> list[Panels]:
+    """The panels of each row's triptych, each file checked against the sha256 the manifest records."""
+    out = []
+    for file, sha in zip(rows["file"], rows["sha256"], strict=True):
+        path = Path(prepared) / file
+        with reading(path, "prepare", "triptych"):
+            data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise damaged(path, f"damaged or from another run: its sha256 is not the one {MANIFEST} records", "prepare")
+        with reading(path, "prepare", "triptych"):
+            out.append(panels_from_triptych(Image.open(io.BytesIO(data))))
+    return out
 
 
 @dataclass
@@ -132,10 +139,6 @@ def _batches(rows: pd.DataFrame, size: int):
         yield rows.iloc[start:start + size]
 
 
-def _load_panels(prepared: Path, rows: pd.DataFrame):
-    return [panels_from_triptych(Image.open(prepared / f)) for f in rows["file"]]
-
-
 def encode(params: Params, prepared: str | Path | None = None, output: str | Path | None = None,
            device: str | None = None, stop_after: int | None = None) -> dict:
     """Encode every pending shard; returns ``{"written": [...], "kept": [...], "output": path}``.
@@ -147,8 +150,7 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
     df = read_manifest(prepared)
     if df.empty:
         raise FluxfillError(f"{prepared / MANIFEST} lists no samples")
-    sizes = {Image.open(prepared / f).size for f in df["file"].head(1)}
-    panel = next(iter(sizes))[1]
+    panel = load_triptychs(prepared, df.head(1))[0].size
     if panel != params.data.panel_size:
         raise FluxfillError(f"{prepared} holds {panel}-px panels but data.panel_size is {params.data.panel_size}: "
                             "re-run `fluxfill prepare` or set data.panel_size")
@@ -202,13 +204,13 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
             for sh, fp in tqdm(todo, desc="encode vae", unit="shard"):
                 x0, masked = [], []
                 for b in _batches(sh.rows, bs):
-                    panels = _load_panels(prepared, b)
+                    panels = load_triptychs(prepared, b)
                     enc = encode_diptychs(pipe, [p.diptych for p in panels], [p.mask for p in panels])
                     x0.append(enc.x_0)
                     masked.append(enc.masked_latents)
                 save(sh, "vae", fp, {"x_0": torch.cat(x0).to(store), "masked_latents": torch.cat(masked).to(store)})
             if not geometry.exists() or todo:
-                panels = _load_panels(prepared, df.head(1))
+                panels = load_triptychs(prepared, df.head(1))
                 enc = encode_diptychs(pipe, [panels[0].diptych], [panels[0].mask])
                 _save_atomic({"mask_latents": enc.mask_latents[:1].to(store),  # [1, N, 256]
                               "img_ids": enc.img_ids.float(),  # [N, 3]
@@ -220,7 +222,7 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
             encoder = load_component(mcfg, "image_encoder", dev, compute_dtype)
             processor = load_component(mcfg, "image_processor", dev)
             for sh, fp in tqdm(todo, desc="encode vision", unit="shard"):
-                embeds = [encode_references(encoder, processor, [p.reference for p in _load_panels(prepared, b)])
+                embeds = [encode_references(encoder, processor, [p.reference for p in load_triptychs(prepared, b)])
                           for b in _batches(sh.rows, bs)]
                 save(sh, "vision", fp, {"image_embeds": torch.cat(embeds).to(store)})  # [S, E]
             _free(encoder)
@@ -241,7 +243,8 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
         tmp.write_text(meta_text)
         os.replace(tmp, out / META)
     expected = {META, GEOMETRY} | {sh.name(ph) for sh in shards for ph in PHASES}
-    for stale in sorted(p for p in out.glob("*.safetensors") if p.name not in expected):
+    own = [p for p in out.glob("*-?????.safetensors") if p.name.split("-")[0] in PHASES]  # shards, not others
+    for stale in sorted(p for p in own if p.name not in expected):
         stale.unlink()
     return {"written": written, "kept": kept, "output": str(out), "complete": True}
 
@@ -263,21 +266,41 @@ class LatentCache(torch.utils.data.Dataset):
         meta_path = self.root / META
         if not meta_path.exists():
             raise FluxfillError(f"{meta_path} not found: the latent cache is missing or incomplete; run `fluxfill encode`")
-        self.meta = json.loads(meta_path.read_text())
+        with reading(meta_path, "encode", "cache description"):
+            self.meta = json.loads(meta_path.read_text())
+        if not isinstance(self.meta, dict) or any(k not in self.meta for k in META_KEYS):
+            raise damaged(meta_path, f"a cache description from another version of fluxfill (keys {list(META_KEYS)} "
+                                     "expected)", "encode")
         if expect:
             diff = [f"{k}: cache has {self.meta.get(k)!r}, expected {v!r}" for k, v in expect.items()
                     if self.meta.get(k) != v]
             if diff:
                 raise FluxfillError(f"latent cache {self.root} was built with other settings: " + "; ".join(diff)
                                     + ". Re-run `fluxfill encode` (or `dvc repro encode`) with the current params.")
-        splits = {s["id"]: s["split"] for s in self.meta["samples"]}
-        self.index = [(sh, row, sid) for sh in self.meta["shards"] for row, sid in enumerate(sh["ids"])
-                      if split is None or splits[sid] == split]
+        with reading(meta_path, "encode", "cache description"):
+            splits = {s["id"]: s["split"] for s in self.meta["samples"]}
+            self.index = [(sh, row, sid) for sh in self.meta["shards"] for row, sid in enumerate(sh["ids"])
+                          if split is None or splits[sid] == split]
+            names = [(sh[phase], sh["ids"]) for sh in self.meta["shards"] for phase in PHASES]
         if not self.index:
             raise FluxfillError(f"latent cache {self.root} has no {split!r} samples")
-        with safe_open(str(self.root / GEOMETRY), "pt") as f:
-            self.geometry = {k: f.get_tensor(k) for k in f.keys()}
+        with reading(self.root / GEOMETRY, "encode", "cache file"):
+            with safe_open(str(self.root / GEOMETRY), "pt") as f:
+                self.geometry = {k: f.get_tensor(k) for k in f.keys()}
         self._files: dict[str, object] = {}
+        for name, ids in names:  # open (and check) every shard now, not halfway through training
+            self._check_shard(name, ids)
+
+    def _check_shard(self, name: str, ids: list[str]) -> None:
+        """Open one shard; a damaged or truncated one, or one another encode run wrote, is refused in one line."""
+        path = self.root / name
+        with reading(path, "encode", "cache shard"):
+            f = self._file(name)
+            written = json.loads((f.metadata() or {}).get("fluxfill", "{}")).get("ids")
+            rows = {f.get_slice(k).get_shape()[0] for k in f.keys()}
+        if written != ids or rows != {len(ids)}:
+            raise damaged(path, f"a cache shard from another encode run (its samples are not the ones {META} lists)",
+                          "encode")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -311,6 +334,7 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "encode")
     result = encode(params, device=args.device)
     print(f"encode: {len(result['written'])} shard file(s) written, {len(result['kept'])} up to date -> {result['output']}")
     return 0

@@ -43,9 +43,11 @@ class SemanticFusion(nn.Module):
         self.mode, self.pooled_dim, self.image_embed_dim = mode, pooled_dim, image_embed_dim
         self.init_method = "none"
         if self.enabled:
-            self.theta = nn.Parameter(torch.tensor(math.log(init / (1.0 - init))), requires_grad=mode == "learned")
+            # [1], not 0-d: FSDP2 shards parameters along dim 0. Files keep θ 0-d (save, _theta_from_file)
+            self.theta = nn.Parameter(torch.full((1,), math.log(init / (1.0 - init))), requires_grad=mode == "learned")
             self.proj = nn.Linear(image_embed_dim, pooled_dim, bias=False)  # W: [P, E]
             self.init_method = self._init_proj(text_projection)
+        self.register_load_state_dict_pre_hook(_theta_from_file)
 
     def _init_proj(self, text_projection: torch.Tensor | None) -> str:
         with torch.no_grad():
@@ -71,7 +73,7 @@ class SemanticFusion(nn.Module):
     @property
     def alpha(self) -> torch.Tensor | None:
         """α = sigmoid(θ) as a 0-d tensor (in the graph), or None for ``mode: none``."""
-        return torch.sigmoid(self.theta) if self.enabled else None
+        return torch.sigmoid(self.theta).reshape(()) if self.enabled else None  # [1] -> []
 
     def reference(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """``[B, E] -> [B, P]``: r = W e_ref, before norm matching."""
@@ -90,18 +92,26 @@ class SemanticFusion(nn.Module):
         return ((1 - alpha) * p + alpha * (r * scale)).to(pooled_text.dtype)
 
     @torch.no_grad()
-    def stats(self, pooled_text: torch.Tensor, image_embeds: torch.Tensor | None) -> dict[str, float]:
-        """``fusion_weight`` α, ``fusion_cos`` cos(p, r) and ``fusion_ref_norm`` ‖r‖/‖p‖, batch means; {} for none."""
+    def stat_tensors(self, pooled_text: torch.Tensor, image_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``fusion_weight`` α, ``fusion_cos`` cos(p, r), ``fusion_ref_norm`` ‖r‖/‖p‖ (batch means) as 0-d tensors
+        on the device, so that logging them needs no host sync; {} for mode none."""
         if not self.enabled or image_embeds is None:
             return {}
-        p = pooled_text.float()  # [B, P]
-        r = self.reference(image_embeds).float()  # [B, P]
-        ratio = r.norm(dim=-1) / p.norm(dim=-1).clamp_min(NORM_EPS)  # [B]
-        return {"fusion_weight": float(self.alpha), "fusion_cos": float(nn.functional.cosine_similarity(p, r).mean()),
-                "fusion_ref_norm": float(ratio.mean())}
+        with torch.no_grad():
+            p = pooled_text.float()  # [B, P]
+            r = self.reference(image_embeds).float()  # [B, P]
+            ratio = r.norm(dim=-1) / p.norm(dim=-1).clamp_min(NORM_EPS)  # [B]
+            return {"fusion_weight": self.alpha.detach().float(),
+                    "fusion_cos": nn.functional.cosine_similarity(p, r).mean(), "fusion_ref_norm": ratio.mean()}
+
+    def stats(self, pooled_text: torch.Tensor, image_embeds: torch.Tensor | None) -> dict[str, float]:
+        """:meth:`stat_tensors` as floats."""
+        return {k: float(v) for k, v in self.stat_tensors(pooled_text, image_embeds).items()}
 
     def save(self, path) -> None:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        if "theta" in tensors:
+            tensors["theta"] = tensors["theta"].reshape(())  # the file format: θ as a 0-d tensor
         meta = {"mode": self.mode, "pooled_dim": self.pooled_dim, "image_embed_dim": self.image_embed_dim,
                 "init_method": self.init_method}
         if self.enabled:
@@ -125,6 +135,13 @@ class SemanticFusion(nn.Module):
         state = {k: v for k, v in load_file(str(path)).items() if k != "_empty"}
         module.load_state_dict(state)
         return module
+
+
+def _theta_from_file(module, state_dict, prefix, *args) -> None:
+    """Accept θ stored 0-d (fusion files) for the [1]-shaped parameter."""
+    key = prefix + "theta"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 def build_fusion(params: Params, pooled_dim: int, image_embed_dim: int) -> SemanticFusion:

@@ -280,11 +280,6 @@ def load_pipeline(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: t
     return pipe
 
 
-def max_sequence_length(cfg: ModelConfig) -> int:
-    """T5 tokens per prompt: ``model.max_sequence_length``."""
-    return cfg.max_sequence_length
-
-
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import make_prepared
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
 from fluxfill.fusion import SemanticFusion
@@ -131,3 +131,14 @@ def test_panel_size_mismatch_with_prepared(tmp_path):
                        "encode": {"output": str(tmp_path / "latents")}})
     with pytest.raises(FluxfillError, match=r"holds 32-px panels but data.panel_size is 64"):
         encode(params, device="cpu")
+
+
+def test_encode_deletes_only_its_own_stale_shards(cache):
+    params, _, out = cache
+    (out / "text-00009.safetensors").write_bytes(b"a shard of a larger dataset")  # stale: this stage's name
+    (out / "weights.safetensors").write_bytes(b"someone's weights")
+    (out / "notes-00001.safetensors").write_bytes(b"not a phase")
+    assert encode(params, device="cpu")["written"] == []
+    assert not (out / "text-00009.safetensors").exists()
+    assert (out / "weights.safetensors").read_bytes() == b"someone's weights"
+    assert (out / "notes-00001.safetensors").exists()
