@@ -79,6 +79,9 @@ class ModelConfig(Section):
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_sequence_length: int = Field(512, ge=1, le=512)
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="storage of the frozen transformer's linear weights (torchao); model.dtype stays the "
+        "compute dtype and the LoRA trains on top in fp32")
 
 
 class EncodeConfig(Section):
