@@ -121,7 +121,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on with CUDA, off on CPU")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: off on CPU; with CUDA only as many blocks as the free memory needs")
     loss_region: Literal["all", "target"] = "all"
     seed: int = 0
     log_every: int = Field(1, ge=1)

@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, safety, sources, tracking
+from . import step as steps
 from .artifacts import (
     CHECKPOINT_LORA,
     CHECKPOINT_STATE,
@@ -68,8 +69,6 @@ from .artifacts import (
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
 from .fusion import SemanticFusion, build_fusion
-from .models import add_lora, load_component, resolve_dtype
-from .objective import flow_matching_step
 from .registry import register_trained_model, write_spec
 from .sampling import training_sample_grid
 from .validation import validation_loss
@@ -161,37 +160,6 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.total or 0) - self.start
-
-
-def sample_generators(seed: int, step: int, positions: range, device) -> list[torch.Generator]:
-    """One σ/noise generator per sample, seeded by (seed, optimizer step, position in the global batch)."""
-    return [torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1_000_033 + p) % (2**63))
-            for p in positions]
-
-
-def _optimizer(params: Params, transformer, fusion, device):
-    """Groups: LoRA (train.learning_rate), W and θ (train.fusion_learning_rate); θ alone, without weight decay."""
-    t = params.train
-    fusion_lr = t.fusion_learning_rate or t.learning_rate
-    groups = [{"name": "lora", "params": [p for p in transformer.parameters() if p.requires_grad],
-               "lr": t.learning_rate, "weight_decay": t.weight_decay}]
-    for name, p in fusion.named_parameters():
-        if p.requires_grad:  # decay would pull θ toward α = 0.5
-            decay = 0.0 if name == "theta" else t.weight_decay
-            groups.append({"name": f"fusion.{name}", "params": [p], "lr": fusion_lr, "weight_decay": decay})
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=device.type == "cuda")
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise FluxfillError("train.optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=t.weight_decay)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise FluxfillError("train.optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
-    return Prodigy(groups, weight_decay=t.weight_decay)
 
 
 @dataclass
@@ -302,7 +270,8 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
     if not fresh and resumable(ckpt_root, t.max_steps) is None:
         _refuse_another_split(params, cache.meta, device.type)
 
-    transformer, fusion, optimizer, scheduler = _build(params, accelerator, cache, mixed)
+    trainer = _build(params, accelerator, cache, mixed)
+    transformer, fusion = trainer.transformer, trainer.fusion
     start, history, run_id, resumed_run = 0, [], None, None
     if ckpt := resumable(ckpt_root, t.max_steps):
         state = _load_checkpoint(accelerator, ckpt)
@@ -337,8 +306,8 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
             tracking.log_history(history)
         if main:
             mlflow.log_param("fusion.init_method", accelerator.unwrap_model(fusion).init_method)
-        result = _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root,
-                       start, run_id, history, stop_after, split, _val_cache(params))
+        result = _loop(params, trainer, loader, ckpt_root, start, run_id, history, stop_after, split,
+                       _val_cache(params))
         if result.steps < t.max_steps:  # stopped early on purpose (tests, budget): a checkpoint, no final outputs
             if main:
                 tracking.end_run_unfinished()
@@ -370,38 +339,16 @@ def _record_finished(params: Params, ckpt_root: Path, result: TrainResult) -> No
     _finished_record(ckpt_root, params.train.max_steps).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
-    """The transformer with LoRA, the fusion module, optimizer and schedule, prepared by accelerate, with the
-    checkpoint hooks that save only the trainable weights."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
-    t, device = params.train, accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
-    if params.model.dtype != "auto":
-        weight_dtype = resolve_dtype(params.model.dtype, device)
-    transformer = load_component(params.model, "transformer", device, weight_dtype)
-    add_lora(transformer, t.lora)
-    cast_training_params(transformer, torch.float32)  # trainable LoRA weights in fp32, frozen base in weight_dtype
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        # cuDNN's SDPA backward hit an illegal memory access at FLUX shapes (H100, torch 2.11); flash is as fast
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    if t.gradient_checkpointing is True or (t.gradient_checkpointing == "auto" and on_cuda):
-        transformer.enable_gradient_checkpointing()
+def _build(params: Params, accelerator, cache: LatentCache, mixed: str) -> steps.Trainer:
+    """The transformer with LoRA and the fusion module, ready to train (:mod:`fluxfill.step`: the benchmark times the same step), with the checkpoint
+    hooks that save only the trainable weights."""
+    device = accelerator.device
+    transformer = steps.load_transformer(params, accelerator, steps.weight_dtype(params, mixed, device))
     item = cache[0]
     fusion = build_fusion(params, item["pooled_prompt_embeds"].shape[-1], item["image_embeds"].shape[-1]).to(device)
-    transformer.train()
-    optimizer = _optimizer(params, transformer, fusion, device)
-    scheduler = get_scheduler("constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler, optimizer,
-                              num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
-    transformer, fusion, optimizer, scheduler = accelerator.prepare(transformer, fusion, optimizer, scheduler)
-    if t.compile is True or (t.compile == "auto" and on_cuda):
-        for block in (*accelerator.unwrap_model(transformer).transformer_blocks,
-                      *accelerator.unwrap_model(transformer).single_transformer_blocks):
-            block.compile()
+    trainer = steps.build(params, accelerator, transformer, fusion)
     _register_state_hooks(accelerator)
-    return transformer, fusion, optimizer, scheduler
+    return trainer
 
 
 def _register_state_hooks(accelerator) -> None:
@@ -538,13 +485,13 @@ def _save_checkpoint(accelerator, ckpt_root: Path, state: dict, keep: int) -> No
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
-          history, stop_after, split: dict, val_cache=None) -> TrainResult:
+def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, history, stop_after, split: dict,
+          val_cache=None) -> TrainResult:
     """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
     Each step's values stay on the device until a log, checkpoint or validation step brings them all back in
     one host sync, so ``history`` (hence ``plots/train.csv``) does not depend on ``log_every``."""
-    t = params.train
+    t, accelerator, transformer, fusion = params.train, trainer.accelerator, trainer.transformer, trainer.fusion
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
     def checkpoint(step: int) -> None:
@@ -574,8 +521,8 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 break
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             distributed.fail_point(accelerator.process_index, step + 1)
-            gens = sample_generators(t.seed, *sampler.positions(micro), device)
-            loss, norm = _micro_step(params, accelerator, transformer, fusion, optimizer, scheduler, batch, gens)
+            gens = steps.sample_generators(t.seed, *sampler.positions(micro), device)
+            loss, norm = steps.train_step(trainer, batch, gens)
             grad_norm = grad_norm if norm is None else norm
             micro += 1
             losses.append(loss)
@@ -585,7 +532,7 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             step += 1
             bar.update(1)
             stats = _full_fusion(fusion_module).stat_tensors(batch["pooled_prompt_embeds"], batch.get("image_embeds"))
-            pending.append(_pending_row(step, losses, grad_norm, stats, scheduler.get_last_lr()[0], device))
+            pending.append(_pending_row(step, losses, grad_norm, stats, trainer.scheduler.get_last_lr()[0], device))
             losses = []
             val_step = t.val_every and (step % t.val_every == 0 or step == t.max_steps)
             if (step % t.log_every == 0 or step == end or val_step
@@ -617,25 +564,6 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
         checkpoint(step)
     last_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
-
-
-def _micro_step(params: Params, accelerator, transformer, fusion, optimizer, scheduler, batch, gens):
-    """One micro-batch: forward, backward, and at the end of an accumulation the clipped optimizer step.
-
-    Returns the detached loss and the gradient norm (None before the accumulation ends).
-    """
-    t, grad_norm = params.train, None
-    with accelerator.accumulate(transformer, fusion):
-        out = flow_matching_step(transformer, fusion, batch, t.loss_region, generator=gens)
-        accelerator.backward(out.loss)
-        if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
-        optimizer.step()
-        if accelerator.sync_gradients and not optimizer.step_was_skipped:
-            scheduler.step()  # once per optimizer step (the scheduler is not tied to the optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    return out.loss.detach(), grad_norm
 
 
 def _report(rows: list[dict], samples_per_s: float, bar) -> None:

@@ -27,7 +27,8 @@ from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.distributed import load_trainable_state_dict, trainable_state_dict, with_world_size
 from fluxfill.encode import LatentCache, encode
 from fluxfill.objective import flow_matching_step, sample_noise
-from fluxfill.train import StepSampler, sample_generators, train
+from fluxfill.step import sample_generators
+from fluxfill.train import StepSampler, train
 
 PANEL, STEPS = 64, 4
 TOLERANCE = {"lora": 1e-3, "fusion": 1e-4}  # per tensor |a - b| / |b|, a 2-process against a 1-process run

@@ -87,14 +87,14 @@ def test_pinv_init_reproduces_the_image_embedding_through_the_text_projection(tm
 
 
 def test_theta_has_its_own_group_without_weight_decay():
-    from fluxfill.train import _optimizer
+    from fluxfill.step import make_optimizer
 
     transformer = torch.nn.Linear(4, 4)
     for mode, trained in (("learned", {"fusion.theta", "fusion.proj.weight"}), ("fixed", {"fusion.proj.weight"})):
         params = validate({"fusion": {"mode": mode}, "train": {"weight_decay": 0.05, "learning_rate": 1e-3,
                                                                "fusion_learning_rate": 0.02}})
         fusion = build_fusion(params, 8, 6)
-        opt = _optimizer(params, transformer, fusion, torch.device("cpu"))
+        opt = make_optimizer(params, transformer, fusion, torch.device("cpu"))
         groups = {g["name"]: g for g in opt.param_groups}
         assert set(groups) == {"lora"} | trained
         assert groups["lora"]["weight_decay"] == 0.05 and groups["lora"]["lr"] == 1e-3

@@ -167,7 +167,7 @@ def test_sigkill_after_checkpoint_resumes_bit_identical(latents, workdir):
 
 
 def test_non_finite_loss_stops_with_message(latents, workdir, monkeypatch):
-    import fluxfill.train as train_module
+    import fluxfill.step as train_module  # the step function fluxfill train calls
 
     real = train_module.flow_matching_step
     calls = {"n": 0}
