@@ -17,7 +17,7 @@ from fluxfill.models import load_component
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_train_step.py"
 SMALL = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-sizes", "1",
-         "--panel-size", "128", "--text-tokens", "16"]
+         "--panel-size", "128", "--text-tokens", "16", "--checkpointing", "on"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,10 +62,10 @@ def test_smoke_run_reports_every_figure(smoke):
     assert (model["image_tokens"], model["text_tokens"], model["in_channels"]) == (512, 64, 384)
     assert model["lora"]["rank"] == 32 and model["lora"]["trainable"] > 0 and model["fusion_trainable"] == 24 * 32 + 1  # W (no bias) and θ
     assert model["lora"]["dtype"] == "float32"  # fp32 LoRA, as fluxfill train keeps it
-    # on the CPU `auto` resolves to no checkpointing and no compile: the headline is ours with those settings
+    # the headline is ours with train's `auto` settings: on the CPU no checkpointing and no compile
     assert [(r["name"], r["group"]) for r in report["results"]] == [
-        ("reference b1 ckpt=off compile=off", "headline"), ("ours b1 ckpt=off compile=off", "headline"),
-        ("ours b1 ckpt=on compile=off", "matrix")]
+        ("reference b1 ckpt=off compile=off", "headline"), ("ours b1 ckpt=auto compile=off", "headline"),
+        ("ours b1 ckpt=on compile=off", "matrix"), ("ours b1 ckpt=off compile=off", "matrix")]
     for r in report["results"]:
         assert r["status"] == "ok", r
         for key in ("s_per_step", "samples_per_s", "useful_tflop_per_step", "achieved_tflops", "mfu", "final_loss"):
@@ -73,7 +73,8 @@ def test_smoke_run_reports_every_figure(smoke):
         assert r["samples_per_s"] == pytest.approx(1 / r["s_per_step"])
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)  # --peak-tflops 1
         assert len(r["warmup_s"]) == 2 and r["peak_mem_gb"] is None  # no device peak on CPU
-    assert [r["optimizer"] for r in report["results"]] == ["AdamW (default)", "AdamW", "AdamW"]
+    assert [r["optimizer"] for r in report["results"]] == ["AdamW (default)", "AdamW", "AdamW", "AdamW"]
+    assert [r["checkpointed_blocks"] for r in report["results"]] == [0, 0, 2, 0]  # tiny: 1 double + 1 single block
     ours = report["results"][1]
     assert len(ours["losses"]) == 2 + 2 and ours["final_loss"] == ours["losses"][-1]
     head = report["headline"]
@@ -83,7 +84,7 @@ def test_smoke_run_reports_every_figure(smoke):
     assert set(head["meets"]) == {"speedup_vs_reference", "mfu"}
     assert report["peak_tflops"] == 1.0 and report["peak_source"] == "--peak-tflops"
     log = Path(report["plan"]["out"]).with_suffix(".log").read_text()  # what stdout showed
-    assert "headline: ours b1 ckpt=off compile=off, timing fluxfill.step.train_step" in log
+    assert "headline: ours b1 ckpt=auto compile=off, timing fluxfill.step.train_step" in log
     assert log.splitlines()[-1].endswith(f"wrote {report['plan']['out']} and {Path(report['plan']['out']).with_suffix('.log')}")
 
 
@@ -109,13 +110,13 @@ def test_24gb_preset_compares_quantised_losses_from_the_same_start(bench, tmp_pa
                                "--checkpointing", "on,2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["results"]}
-    assert list(rows) == ["ours b1 ckpt=off compile=off", "ours b1 ckpt=on compile=off",
+    assert list(rows) == ["ours b1 ckpt=auto compile=off", "ours b1 ckpt=on compile=off",
                           "ours b1 ckpt=on compile=off quantize=int8", "ours b1 ckpt=2 compile=off"]
     bf16, int8 = rows["ours b1 ckpt=on compile=off"], rows["ours b1 ckpt=on compile=off quantize=int8"]
     assert bf16["group"] == int8["group"] == "preset_24gb" and len(bf16["losses"]) == len(int8["losses"]) == 5
     # a fresh load: the same weights, LoRA init, batch and noise as the headline's first step (checkpointing
     # changes no value); the int8 base is close to it but not equal
-    assert bf16["losses"][0] == rows["ours b1 ckpt=off compile=off"]["losses"][0]
+    assert bf16["losses"][0] == rows["ours b1 ckpt=auto compile=off"]["losses"][0]
     assert int8["losses"][0] != bf16["losses"][0] and int8["losses"][0] == pytest.approx(bf16["losses"][0], rel=0.05)
     assert int8["base_stored_gb"] < 0.5 * bf16["base_stored_gb"]
     modes = report["headline"]["preset_24gb"]["modes"]
@@ -129,7 +130,7 @@ def test_fp8_matmul_candidate_needs_a_recent_gpu(bench, tmp_path):
     out = tmp_path / "r.json"
     assert bench.main(SMALL + ["--fp8-matmul", "on", "--reference", "off", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["results"][-1]
-    assert row["name"] == "ours b1 ckpt=off compile=off fp8-matmul" and row["group"] == "candidate"
+    assert row["name"] == "ours b1 ckpt=auto compile=off fp8-matmul" and row["group"] == "candidate"
     assert row["status"] == ("error: FluxfillError: fp8 matmuls need a CUDA GPU with compute capability >= 8.9 "
                              "(H100, H200, L40S, RTX 40xx); cpu has none: run without --fp8-matmul")
 
@@ -195,7 +196,7 @@ def test_oom_is_recorded_and_the_run_goes_on(bench, monkeypatch, tmp_path):
     assert bench.main(SMALL + ["--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [(r["name"], r["status"]) for r in report["results"]] == [
-        ("reference b1 ckpt=off compile=off", "ok"), ("ours b1 ckpt=off compile=off", "OOM"),
+        ("reference b1 ckpt=off compile=off", "ok"), ("ours b1 ckpt=auto compile=off", "OOM"),
         ("ours b1 ckpt=on compile=off", "ok")]
     assert "speedup_vs_reference" not in report["headline"] and report["headline"]["meets"] == {}
 
@@ -206,7 +207,7 @@ def test_budget_skips_the_rest(bench, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["complete"] is True and len(report["results"]) == 3
     assert all(r["status"].startswith("skipped (budget") for r in report["results"])
-    assert "headline: ours b1 ckpt=off compile=off (not measured), timing fluxfill.step.train_step" in capsys.readouterr().out
+    assert "headline: ours b1 ckpt=auto compile=off (not measured), timing fluxfill.step.train_step" in capsys.readouterr().out
 
 
 def test_full_size_without_cuda_is_skipped(bench, monkeypatch, capsys, tmp_path):
