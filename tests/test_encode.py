@@ -181,6 +181,18 @@ def test_missing_geometry_alone_is_rebuilt_identically(cache):
     assert again["written"] == [] and (out / GEOMETRY).read_bytes() == before
 
 
+def test_a_truncated_shard_is_encoded_again_with_a_log_line(cache, caplog):
+    params, _, out = cache
+    shard = out / "vae-00001.safetensors"
+    before = shard.read_bytes()
+    shard.write_bytes(before[:50])
+    with caplog.at_level("WARNING", logger="fluxfill.encode"):
+        again = encode(params, device="cpu")
+    assert again["written"] == ["vae-00001.safetensors"] and shard.read_bytes() == before
+    assert f"{shard}: unreadable shard (Error while deserializing header: " in caplog.text
+    assert caplog.text.rstrip().endswith("); encoding it again")
+
+
 def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):
     from fluxfill import encode as encode_module
 

@@ -182,6 +182,51 @@ def test_serve_refuses_to_start_without_a_server(capsys):
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
 
 
+def test_run_name_is_checked_against_dvc_experiments_or_the_skip_is_logged(repo, tmp_path, caplog):
+    import logging
+
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    from flows.pipeline import _check_experiment_name
+
+    logger = logging.getLogger("test.flows")
+    logger.addHandler(caplog.handler)  # Prefect's logging setup leaves the root logger's capture out
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["git", "update-ref", str(ExpRefInfo(head.strip(), "taken")), "HEAD"], cwd=repo, check=True)
+    _check_experiment_name(repo, "free", logger)
+    with pytest.raises(ConfigError, match=r"run_name 'taken' is already a DVC experiment of this commit"):
+        _check_experiment_name(repo, "taken", logger)
+
+    fresh = tmp_path / "fresh"  # git and DVC, no commit: DVC cannot list experiments
+    fresh.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=fresh, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=fresh, check=True)
+    try:
+        _check_experiment_name(fresh, "taken", logger)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "run_name 'taken' not checked against the DVC experiments: unknown Git revision 'HEAD'" in caplog.text
+
+
+def test_a_damaged_metrics_file_is_left_out_of_the_summary_with_a_warning(repo, caplog):
+    import logging
+
+    from flows.pipeline import _read_metrics
+
+    logger = logging.getLogger("test.flows.metrics")
+    logger.addHandler(caplog.handler)  # Prefect's logging setup leaves the root logger's capture out
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/train.json").write_text('{"loss": 0.5')  # cut short
+    (repo / "metrics/eval.json").write_text('{"psnr": 21.5}')
+    try:
+        found = _read_metrics(repo, logger)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert found == {"metrics/eval.json": {"stage": "evaluate", "values": {"psnr": 21.5}}}
+    assert f"left out of the summary: {repo / 'metrics/train.json'}: not a metrics file (Expecting ',' delimiter: " \
+        "line 1 column 13 (char 12)); rebuild it with `dvc repro train` (or `fluxfill train`)" in caplog.text
+
+
 # -------------------------------------------------------------------------------------- failures
 def test_invalid_override_is_rejected_before_anything_runs(repo, harness):
     from flows.pipeline import train_diptych

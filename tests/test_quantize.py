@@ -81,8 +81,10 @@ def test_none_leaves_the_weights_alone():
 
 def test_missing_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
-    with pytest.raises(FluxfillError, match=r"model.quantize int8 needs torchao: pip install 'fluxfill\[quantize\]'"):
+    with pytest.raises(FluxfillError, match=r"^model.quantize int8 needs torchao \(import of torchao.quantization "
+                                            r"halted; None in sys.modules\): pip install 'fluxfill\[quantize\]'") as err:
         load_component(ModelConfig(quantize="int8"), "transformer")
+    assert isinstance(err.value.__cause__, ImportError)  # an installed but broken torchao shows its own error
 
 
 def test_a_torchao_failure_names_the_setting(monkeypatch):
@@ -93,8 +95,9 @@ def test_a_torchao_failure_names_the_setting(monkeypatch):
 
     monkeypatch.setattr(ao, "quantize_", unsupported)
     with pytest.raises(FluxfillError, match=r"^model.quantize fp8 on cpu failed in torchao: Float8 weights need a "
-                                            r"CUDA device with compute capability >= 8.9\. Try another"):
+                                            r"CUDA device with compute capability >= 8.9\. Try another") as err:
         load_component(ModelConfig(quantize="fp8"), "transformer")
+    assert isinstance(err.value.__cause__, NotImplementedError) and str(err.value.__cause__).endswith("\nmore")
 
 
 def test_unknown_mode_is_a_config_error():
