@@ -124,6 +124,25 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     assert yaml.safe_load(text)["data"] == yaml.safe_load(original)["data"]
 
 
+def test_dvc_set_param_writer_would_rewrite_params_yaml(tmp_path):
+    """docs/design.md §7: why the flow keeps its own params writer instead of `dvc exp run -S`'s."""
+    from dvc.utils.hydra import apply_overrides
+
+    ours, dvcs = tmp_path / "ours.yaml", tmp_path / "dvc.yaml"
+    for p in (ours, dvcs):
+        shutil.copy(ROOT / "params.yaml", p)
+    original = ours.read_text().splitlines()
+    workspace.write_params(ours, {"train.max_steps": 7, "data.instruction": "yes"})
+    apply_overrides(dvcs, ["++train.max_steps=7", "++data.instruction='yes'"])
+    assert yaml.safe_load(ours.read_text())["data"]["instruction"] == "yes"
+    assert yaml.safe_load(dvcs.read_text())["data"]["instruction"] is True  # YAML 1.2 out, PyYAML (1.1) in
+    changed = [line for line, new in zip(original, ours.read_text().splitlines(), strict=True) if new != line]
+    assert [line.split(":")[0] for line in changed] == ["  instruction", "  max_steps"]
+    text = dvcs.read_text()
+    assert "  revision: null" in original and "  revision: null" not in text and "  revision:\n" in text
+    assert "  prompt_template: A diptych" in text and len(text.splitlines()) != len(original)
+
+
 def test_pipeline_order_and_staleness_come_from_dvc(repo):
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     order = workspace.pipeline_stages(repo)
