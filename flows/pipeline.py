@@ -5,10 +5,10 @@
 1. validates ``overrides`` (``{"train.max_steps": 50, "fusion.mode": "none"}``) with the typed
    config on top of ``params.yaml``, before anything runs; ``run_name`` becomes
    ``tracking.run_name``, the MLflow run's name;
-2. writes them into the workspace's ``params.yaml`` (comments kept), as ``dvc exp run -S`` would: the
-   file then says what ran, ``dvc params diff`` shows the change, and the values stay for later runs
-   (``git checkout params.yaml`` returns to the committed ones); docs/design.md §7 says why not with
-   ``dvc exp run`` itself;
+2. writes them into the workspace's ``params.yaml`` (comments and other lines kept), the values
+   ``dvc exp run -S`` would set: the file then says what ran, ``dvc params diff`` shows the change, and
+   the values stay for later runs (``git checkout params.yaml`` returns to the committed ones);
+   docs/design.md §7 says why not with ``dvc exp run`` itself;
 3. asks DVC, stage by stage in ``dvc repro``'s order, whether the stage is stale, and runs the stale
    ones with ``dvc repro --single-item <stage>`` (each a sub-flow, its output streamed into the
    Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
