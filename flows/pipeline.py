@@ -5,9 +5,10 @@
 1. validates ``overrides`` (``{"train.max_steps": 50, "fusion.mode": "none"}``) with the typed
    config on top of ``params.yaml``, before anything runs; ``run_name`` becomes
    ``tracking.run_name``, the MLflow run's name;
-2. writes them into the workspace's ``params.yaml`` (comments kept), as ``dvc exp run -S`` would: the
-   file then says what ran, ``dvc params diff`` shows the change, and the values stay for later runs
-   (``git checkout params.yaml`` returns to the committed ones);
+2. writes them into the workspace's ``params.yaml`` (comments and other lines kept), the values
+   ``dvc exp run -S`` would set: the file then says what ran, ``dvc params diff`` shows the change, and
+   the values stay for later runs (``git checkout params.yaml`` returns to the committed ones);
+   docs/design.md §7 says why not with ``dvc exp run`` itself;
 3. asks DVC, stage by stage in ``dvc repro``'s order, whether the stage is stale, and runs the stale
    ones with ``dvc repro --single-item <stage>`` (each a sub-flow, its output streamed into the
    Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
@@ -32,7 +33,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fluxfill import sweep
 from fluxfill.compare import format_runs
-from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
+from fluxfill.config import PARAMS_FILE, ConfigError, FluxfillError, flatten, load_params, repo_root
+from fluxfill.summary import read_metrics
 from fluxfill.tracking import read_run_ref, ui_url
 
 from . import workspace
@@ -222,19 +224,32 @@ def publish(
 
 
 # ---------------------------------------------------------------------------------- train-diptych
-def _read_metrics(root: Path) -> dict[str, dict[str, Any]]:
-    """``{path: {"stage": ..., "values": {...}}}`` for each metrics file of dvc.yaml that exists."""
-    return {path: {"stage": stage, "values": values} for path, stage in workspace.metrics_files(root).items()
-            if (values := workspace.read_json(root / path)) is not None}
+def _read_metrics(root: Path, logger) -> dict[str, dict[str, Any]]:
+    """``{path: {"stage": ..., "values": {...}}}`` for each metrics file of dvc.yaml that exists.
+
+    A damaged one is left out of the summary, with a warning that names it.
+    """
+    found = {}
+    for path, stage in workspace.metrics_files(root).items():
+        if not (root / path).exists():
+            continue
+        try:
+            found[path] = {"stage": stage, "values": read_metrics(root / path, stage)}
+        except FluxfillError as e:
+            logger.warning("left out of the summary: %s", e)
+    return found
 
 
-def _check_experiment_name(root: Path, name: str) -> None:
+def _check_experiment_name(root: Path, name: str, logger) -> None:
+    """Refuse a ``run_name`` that is already a DVC experiment of HEAD, before anything runs."""
     from dvc.repo import Repo
+    from dvc.scm import SCMError
 
     try:
         with Repo(str(root)) as repo:
             names = {n for exps in repo.experiments.ls().values() for n, _ in exps}
-    except Exception:  # no git commit yet: `dvc exp save` will say so at the end
+    except SCMError as e:  # no git, or no commit yet: `dvc exp save` says so at the end
+        logger.warning("run_name %r not checked against the DVC experiments: %s", name, e)
         return
     if name in names:
         raise ConfigError(
@@ -260,7 +275,7 @@ def train_diptych(
     if run_name:
         flat["tracking.run_name"] = run_name
         if save_experiment:
-            _check_experiment_name(root, run_name)
+            _check_experiment_name(root, run_name, logger)
     stages = workspace.pipeline_stages(root)  # a broken dvc.yaml fails here, before params.yaml changes
     changed = apply_overrides(root, flat)
     params = load_params(root / PARAMS_FILE)
@@ -283,7 +298,7 @@ def train_diptych(
         failed = next((s for s in stages if s not in {r.stage for r in runs}), "?")
         runs.append(StageRun(failed, "failed"))
         try:
-            publish(runs, changed, _read_metrics(root), None, notes, failure=str(e))
+            publish(runs, changed, _read_metrics(root, logger), None, notes, failure=str(e))
         except Exception as publish_error:  # the stage's error is the one to report
             logger.warning("could not publish the summary artifact: %s", publish_error)
         raise
@@ -318,7 +333,7 @@ def train_diptych(
             notes.append(f"not saved as a DVC experiment: {e}")
             logger.warning("%s", e)
 
-    metrics = _read_metrics(root)
+    metrics = _read_metrics(root, logger)
     publish(runs, changed, metrics, mlflow_info, notes)
     return {"stages": [r.to_dict() for r in runs], "overrides": changed, "metrics": metrics, "mlflow": mlflow_info}
 

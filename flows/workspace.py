@@ -9,7 +9,6 @@ true and a ``dvc repro`` afterwards has nothing to do.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import signal
@@ -319,12 +318,3 @@ def metrics_files(root: Path) -> dict[str, str]:
         base = Path(repo.root_dir)
         return {Path(o.fs_path).relative_to(base).as_posix(): s.addressing
                 for s in repo.index.stages for o in s.outs if o.metric}
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file as a dict, None when it does not exist or is not JSON."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

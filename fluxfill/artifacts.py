@@ -57,7 +57,7 @@ def fusion_file(train_output: str | Path) -> Path:
     return Path(train_output, FUSION_FILE)
 
 
-def _first_line(error: BaseException | str) -> str:
+def first_line(error: BaseException | str) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0].strip()
 
@@ -69,7 +69,7 @@ def damaged(path: str | Path, why: BaseException | str, stage: str | None = None
     ``fix`` replaces the rebuild hint when the remedy is not a stage (a checkpoint, the run reference).
     """
     hint = fix or f"rebuild it with {rebuild(stage)}"
-    return FluxfillError(f"{path}: {_first_line(why)}; {hint}")
+    return FluxfillError(f"{path}: {first_line(why)}; {hint}")
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ def reading(path: str | Path, stage: str | None = None, what: str = "file", fix:
     except FileNotFoundError:
         raise damaged(path, f"{what} not found", stage, fix) from None
     except Exception as e:  # safetensors, pickle, JSON, CSV and image decoders each raise their own kinds
-        raise damaged(path, f"damaged or truncated {what} ({_first_line(e)})", stage, fix) from None
+        raise damaged(path, f"damaged or truncated {what} ({first_line(e)})", stage, fix) from None
 
 
 # -------------------------------------------------------------------------------------- deterministic bytes

@@ -36,12 +36,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, reading
+from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, first_line, reading
 from .config import FluxfillError, Params
 from .data import read_manifest
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
@@ -118,11 +118,16 @@ def _fingerprint(phase: str, shard: Shard, setting: dict) -> str:
 
 
 def _shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint ``path`` was written with; None when it is missing or unreadable (it is then encoded)."""
+    if not path.exists():
+        return None
     try:
         with safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {}).get("fluxfill", "{}")).get("fingerprint")
-    except Exception:  # truncated or foreign file: re-encode it
+            meta = json.loads((f.metadata() or {}).get("fluxfill", "{}"))
+    except (OSError, ValueError, SafetensorError) as e:  # truncated or foreign file
+        log.warning("%s: unreadable shard (%s); encoding it again", path, first_line(e))
         return None
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import first_line
 from .config import FluxfillError, ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -157,6 +158,21 @@ def _image_processor(size: int):
     return _clip_image_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def _load_error(cfg: ModelConfig, name: str, source: str, subfolder: str | None, e: BaseException) -> str:
+    """Why ``name`` did not load (the error's first line) and the fix: weights that are not there need a download;
+    weights that are there but fail (a damaged shard, a dtype or version mismatch) need checking, not a download."""
+    local = Path(source).expanduser()
+    where = (f"local folder {local}" if local.exists() else f"hub id {source!r}") + (
+        f" (subfolder {subfolder!r})" if subfolder else "")
+    head = f"cannot load {name} of preset {cfg.preset!r} from {where}: {type(e).__name__}: {first_line(e).rstrip('.')}. "
+    if local.exists() or isinstance(e, ValueError):
+        return head + (f"The files are there but do not load: check model.dtype ({cfg.dtype}) and the diffusers/"
+                       "transformers versions, or replace damaged files with a fresh download of the weights.")
+    return head + ("Download the weights on a machine with network (`huggingface-cli download "
+                   f"{source}`) and point model.pretrained / model.image_encoder at the folder, or set HF_HOME to "
+                   "a cache that holds them (HF_HUB_OFFLINE=1 stops all network access).")
+
+
 def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
     """Load one component of FLUX.1-Fill-dev (hub id or local folder) or of the CLIP vision tower."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -188,16 +204,7 @@ def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: t
     try:
         obj = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        local = Path(source).expanduser()
-        where = f"local folder {local}" if local.exists() else f"hub id {source!r}"
-        raise FluxfillError(
-            f"cannot load {name} of preset {cfg.preset!r} from {where}"
-            + (f" (subfolder {subfolder!r})" if subfolder else "")
-            + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-            "Download the weights on a machine with network (`huggingface-cli download "
-            f"{source}`) and point model.pretrained / model.image_encoder at the folder, or set HF_HOME to "
-            "a cache that holds them (HF_HUB_OFFLINE=1 stops all network access)."
-        ) from None
+        raise FluxfillError(_load_error(cfg, name, source, subfolder, e)) from e
     if isinstance(obj, torch.nn.Module):
         obj = obj.to(device).eval().requires_grad_(False)
     return obj
@@ -292,9 +299,9 @@ def _torchao(mode: str):
     quiet.setLevel(logging.ERROR)
     try:
         import torchao.quantization as ao
-    except ImportError:
-        raise FluxfillError(f"model.quantize {mode} needs torchao: pip install 'fluxfill[quantize]' "
-                            "(or set model.quantize: none)") from None
+    except ImportError as e:  # not installed, or installed but built for another torch: the cause says which
+        raise FluxfillError(f"model.quantize {mode} needs torchao ({first_line(e)}): pip install 'fluxfill[quantize]' "
+                            "(or set model.quantize: none)") from e
     finally:
         quiet.setLevel(level)
     return ao
@@ -331,8 +338,8 @@ def quantize_base(module: torch.nn.Module, mode: str, device: str | torch.device
             ao.quantize_(module, config, filter_fn=eligible, device=device)
     except (RuntimeError, NotImplementedError, AssertionError, ImportError) as e:
         where = f" on {torch.device(device).type}" if device is not None else ""
-        raise FluxfillError(f"model.quantize {mode}{where} failed in torchao: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-                            "Try another model.quantize (int8 runs on any device) or none.") from None
+        raise FluxfillError(f"model.quantize {mode}{where} failed in torchao: {first_line(e)}. "
+                            "Try another model.quantize (int8 runs on any device) or none.") from e
     return len(layers)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -40,6 +41,7 @@ PROTECTED = (".git", ".dvc", "dvc.yaml", "dvc.lock", "params.yaml", ".fluxfill",
 FIXED_OUTPUTS = {"train": (TRAIN_METRICS, TRAIN_PLOT, VAL_PLOT), "evaluate": (EVAL_METRICS,)}
 LOCK_FILE = Path(".fluxfill") / "train.lock"
 LOCK_ENV = "FLUXFILL_TRAIN_LOCK"
+log = logging.getLogger(__name__)
 
 
 class UnsafePath(FluxfillError):
@@ -56,7 +58,8 @@ def repository(cwd: str | os.PathLike | None = None) -> Path:
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("git rev-parse failed in %s (%s): the repository is the folder holding dvc.yaml", here, e)
         out = None
     if out is not None and out.returncode == 0 and out.stdout.strip():
         return Path(out.stdout.strip())
@@ -87,9 +90,11 @@ def _tracked(root: Path) -> list[Path]:
     """Files git tracks in ``root`` (none outside git), as absolute paths."""
     try:
         out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot list the files git tracks in %s (%s): outputs are not checked against them", root, e)
         return []
     if out.returncode != 0:
+        log.debug("%s is not a git work tree: no tracked files to protect", root)
         return []
     return [root / f for f in out.stdout.decode().split("\0") if f]
 

@@ -14,7 +14,8 @@ from .config import Params
 from .tracking import read_run_ref, sqlite_path, ui_url
 
 
-def _metrics(path: Path, stage: str) -> dict:
+def read_metrics(path: Path, stage: str) -> dict:
+    """A stage's metrics file as a dict, {} when it does not exist; a damaged one is refused (one line)."""
     if not path.exists():
         return {}
     try:
@@ -40,7 +41,7 @@ def summary_lines(params: Params) -> list[str]:
     else:
         lines.append(f"no MLflow run known for the weights in {params.train.output}/ (none yet, or restored from "
                      "DVC's cache): run `dvc repro` (or `make run`)")
-    train, evals = _metrics(Path(TRAIN_METRICS), "train"), _metrics(Path(EVAL_METRICS), "evaluate")
+    train, evals = read_metrics(Path(TRAIN_METRICS), "train"), read_metrics(Path(EVAL_METRICS), "evaluate")
     if train or evals:
         lines.append("metrics      (dvc metrics show)")
         for name, value in {**train, **evals}.items():

@@ -55,7 +55,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import __version__
-from .artifacts import RUN_REFS, damaged
+from .artifacts import RUN_REFS, damaged, first_line
 from .config import FluxfillError, Params, TrackingConfig, repo_root
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def check_reachable(uri: str) -> None:
                 f"MLflow tracking server {uri} is unreachable: {reason}; start it with "
                 f"`mlflow server --host 127.0.0.1 --port {port} --backend-store-uri sqlite:///$PWD/mlflow.db` "
                 "or unset MLFLOW_TRACKING_URI to use the local sqlite database"
-            ) from None
+            ) from e
         if resp.status_code != 200:
             raise FluxfillError(
                 f"MLflow tracking server {uri} answered HTTP {resp.status_code} to {endpoint}: "
@@ -219,7 +219,8 @@ def default_run_name(params: Params, *parts: str) -> str:
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("no git tag on the run: `git %s` failed (%s)", " ".join(args), first_line(e))
         return None
     return out.stdout.strip()
 
@@ -231,7 +232,11 @@ def dvc_out_hash(path: str | os.PathLike, lock: str | os.PathLike = "dvc.lock") 
     """
     try:
         data = yaml.safe_load(Path(lock).read_text())
-    except (OSError, yaml.YAMLError):
+    except FileNotFoundError:
+        log.info("no dvc.data tag for %s: %s does not exist yet (`dvc repro` writes it)", path, lock)
+        return None
+    except (OSError, yaml.YAMLError) as e:
+        log.warning("no dvc.data tag for %s: %s is not readable (%s)", path, lock, first_line(e))
         return None
     stages = data.get("stages") if isinstance(data, dict) else None
     want = os.path.normpath(path)

@@ -256,3 +256,21 @@ def test_pretrained_preset_missing_weights_names_the_path(tmp_path):
     hub = ModelConfig(preset="flux-fill-dev")  # HF_HUB_OFFLINE=1 in tests: no download is attempted
     with pytest.raises(FluxfillError, match=r"cannot load transformer .*hub id 'black-forest-labs/FLUX.1-Fill-dev'"):
         load_component(hub, "transformer")
+
+
+def test_a_damaged_shard_keeps_its_cause_and_gets_no_download_advice(tmp_path):
+    """Weights that are there but do not load: the message names the shard, the error is chained."""
+    from fluxfill.config import FluxfillError
+
+    load_component(ModelConfig(), "vae").save_pretrained(tmp_path / "vae")
+    shard = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated download
+    cfg = ModelConfig(preset="flux-fill-dev", pretrained=str(tmp_path))
+    with pytest.raises(FluxfillError) as err:
+        load_component(cfg, "vae")
+    msg = str(err.value)
+    assert msg.startswith(f"cannot load vae of preset 'flux-fill-dev' from local folder {tmp_path} (subfolder 'vae'): "
+                          f"OSError: Unable to load weights from checkpoint file for '{shard}'")
+    assert "The files are there but do not load: check model.dtype (auto)" in msg
+    assert "Download the weights on a machine with network" not in msg
+    assert isinstance(err.value.__cause__, OSError) and str(shard) in str(err.value.__cause__)

@@ -51,9 +51,17 @@ def test_cache_shapes_and_collate(cache):
     assert list(batch["x_0"].shape) == [3, n, 64] and list(batch["mask_latents"].shape) == [1, n, 256]
     assert list(batch["img_ids"].shape) == [n, 3] and list(batch["txt_ids"].shape) == [16, 3]
     assert batch["ids"] == ["s001", "s002", "s003"]
+    for key in ("x_0", "masked_latents", "prompt_embeds", "pooled_prompt_embeds", "image_embeds"):  # rows stacked
+        assert torch.equal(batch[key], torch.stack([ds[i][key] for i in range(3)])), key
     out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("learned", 32, 24),
                                   batch)
     assert list(out_step.hidden_states.shape) == [3, n, 384]
+    # the step reads the batch as the contract says: x_t = x_0 + σ (ε - x_0), then masked latents and mask
+    sigma = out_step.sigma[:, None, None]  # [3, 1, 1]
+    torch.testing.assert_close(out_step.hidden_states[..., :64], batch["x_0"] + sigma * out_step.target)
+    torch.testing.assert_close(out_step.hidden_states[..., 64:128], batch["masked_latents"], rtol=0, atol=0)
+    torch.testing.assert_close(out_step.hidden_states[..., 128:], batch["mask_latents"].expand(3, -1, -1),
+                               rtol=0, atol=0)
 
 
 def _tiny_transformer():
@@ -179,6 +187,18 @@ def test_missing_geometry_alone_is_rebuilt_identically(cache):
     (out / GEOMETRY).unlink()
     again = encode(params, device="cpu")
     assert again["written"] == [] and (out / GEOMETRY).read_bytes() == before
+
+
+def test_a_truncated_shard_is_encoded_again_with_a_log_line(cache, caplog):
+    params, _, out = cache
+    shard = out / "vae-00001.safetensors"
+    before = shard.read_bytes()
+    shard.write_bytes(before[:50])
+    with caplog.at_level("WARNING", logger="fluxfill.encode"):
+        again = encode(params, device="cpu")
+    assert again["written"] == ["vae-00001.safetensors"] and shard.read_bytes() == before
+    assert f"{shard}: unreadable shard (Error while deserializing header: " in caplog.text
+    assert caplog.text.rstrip().endswith("); encoding it again")
 
 
 def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):

@@ -124,6 +124,25 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     assert yaml.safe_load(text)["data"] == yaml.safe_load(original)["data"]
 
 
+def test_dvc_set_param_writer_would_rewrite_params_yaml(tmp_path):
+    """docs/design.md §7: why the flow keeps its own params writer instead of `dvc exp run -S`'s."""
+    from dvc.utils.hydra import apply_overrides
+
+    ours, dvcs = tmp_path / "ours.yaml", tmp_path / "dvc.yaml"
+    for p in (ours, dvcs):
+        shutil.copy(ROOT / "params.yaml", p)
+    original = ours.read_text().splitlines()
+    workspace.write_params(ours, {"train.max_steps": 7, "data.instruction": "yes"})
+    apply_overrides(dvcs, ["++train.max_steps=7", "++data.instruction='yes'"])
+    assert yaml.safe_load(ours.read_text())["data"]["instruction"] == "yes"
+    assert yaml.safe_load(dvcs.read_text())["data"]["instruction"] is True  # YAML 1.2 out, PyYAML (1.1) in
+    changed = [line for line, new in zip(original, ours.read_text().splitlines(), strict=True) if new != line]
+    assert [line.split(":")[0] for line in changed] == ["  instruction", "  max_steps"]
+    text = dvcs.read_text()
+    assert "  revision: null" in original and "  revision: null" not in text and "  revision:\n" in text
+    assert "  prompt_template: A diptych" in text and len(text.splitlines()) != len(original)
+
+
 def test_pipeline_order_and_staleness_come_from_dvc(repo):
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     order = workspace.pipeline_stages(repo)
@@ -180,6 +199,51 @@ def test_serve_refuses_to_start_without_a_server(capsys):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main([]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+def test_run_name_is_checked_against_dvc_experiments_or_the_skip_is_logged(repo, tmp_path, caplog):
+    import logging
+
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    from flows.pipeline import _check_experiment_name
+
+    logger = logging.getLogger("test.flows")
+    logger.addHandler(caplog.handler)  # Prefect's logging setup leaves the root logger's capture out
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["git", "update-ref", str(ExpRefInfo(head.strip(), "taken")), "HEAD"], cwd=repo, check=True)
+    _check_experiment_name(repo, "free", logger)
+    with pytest.raises(ConfigError, match=r"run_name 'taken' is already a DVC experiment of this commit"):
+        _check_experiment_name(repo, "taken", logger)
+
+    fresh = tmp_path / "fresh"  # git and DVC, no commit: DVC cannot list experiments
+    fresh.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=fresh, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=fresh, check=True)
+    try:
+        _check_experiment_name(fresh, "taken", logger)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "run_name 'taken' not checked against the DVC experiments: unknown Git revision 'HEAD'" in caplog.text
+
+
+def test_a_damaged_metrics_file_is_left_out_of_the_summary_with_a_warning(repo, caplog):
+    import logging
+
+    from flows.pipeline import _read_metrics
+
+    logger = logging.getLogger("test.flows.metrics")
+    logger.addHandler(caplog.handler)  # Prefect's logging setup leaves the root logger's capture out
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics/train.json").write_text('{"loss": 0.5')  # cut short
+    (repo / "metrics/eval.json").write_text('{"psnr": 21.5}')
+    try:
+        found = _read_metrics(repo, logger)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert found == {"metrics/eval.json": {"stage": "evaluate", "values": {"psnr": 21.5}}}
+    assert f"left out of the summary: {repo / 'metrics/train.json'}: not a metrics file (Expecting ',' delimiter: " \
+        "line 1 column 13 (char 12)); rebuild it with `dvc repro train` (or `fluxfill train`)" in caplog.text
 
 
 # -------------------------------------------------------------------------------------- failures

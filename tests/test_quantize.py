@@ -61,10 +61,14 @@ def test_quantised_base_is_smaller_close_and_trains_a_fp32_lora(mode, full_preci
     assert all(p.grad is None for p in transformer.parameters() if not p.requires_grad)
 
 
-def test_bf16_compute_dtype_is_kept(full_precision):
+def test_bf16_compute_dtype_is_kept():
     transformer = load_component(ModelConfig(quantize="int8", dtype="bf16"), "transformer")
     assert transformer.dtype == torch.bfloat16
-    assert output(transformer).dtype == torch.bfloat16
+    assert {type(m.weight).__name__ for m in linears(transformer)} == {"Int8Tensor"}
+    got, plain = output(transformer), output(load_component(ModelConfig(dtype="bf16"), "transformer"))
+    assert got.dtype == torch.bfloat16
+    err = ((got.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert 0 < err < MODES["int8"][2], err  # the bf16 network, quantised: close to it, not bit-equal
 
 
 def test_quantising_after_the_lora_is_refused():
@@ -73,16 +77,21 @@ def test_quantising_after_the_lora_is_refused():
         quantize_base(transformer, "int8")
 
 
-def test_none_leaves_the_weights_alone():
+def test_none_leaves_the_weights_alone(full_precision):
     transformer = load_component(ModelConfig(), "transformer")
     assert quantize_base(transformer, "none") == 0
     assert {type(m.weight) for m in linears(transformer)} == {torch.nn.Parameter}
+    base, expected = full_precision
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in transformer.state_dict().items())
+    assert torch.equal(output(transformer), expected)
 
 
 def test_missing_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
-    with pytest.raises(FluxfillError, match=r"model.quantize int8 needs torchao: pip install 'fluxfill\[quantize\]'"):
+    with pytest.raises(FluxfillError, match=r"^model.quantize int8 needs torchao \(import of torchao.quantization "
+                                            r"halted; None in sys.modules\): pip install 'fluxfill\[quantize\]'") as err:
         load_component(ModelConfig(quantize="int8"), "transformer")
+    assert isinstance(err.value.__cause__, ImportError)  # an installed but broken torchao shows its own error
 
 
 def test_a_torchao_failure_names_the_setting(monkeypatch):
@@ -93,8 +102,9 @@ def test_a_torchao_failure_names_the_setting(monkeypatch):
 
     monkeypatch.setattr(ao, "quantize_", unsupported)
     with pytest.raises(FluxfillError, match=r"^model.quantize fp8 on cpu failed in torchao: Float8 weights need a "
-                                            r"CUDA device with compute capability >= 8.9\. Try another"):
+                                            r"CUDA device with compute capability >= 8.9\. Try another") as err:
         load_component(ModelConfig(quantize="fp8"), "transformer")
+    assert isinstance(err.value.__cause__, NotImplementedError) and str(err.value.__cause__).endswith("\nmore")
 
 
 def test_unknown_mode_is_a_config_error():

@@ -97,6 +97,17 @@ def test_default_paths_pass_and_the_repository_is_gits_top_level(repo):
         safety.check_outputs(load_params(overrides=["train.output=fluxfill"]), "train")
 
 
+def test_without_git_the_skipped_tracked_file_check_is_logged(repo, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(repo / "no-bin"))  # git cannot be found
+    with caplog.at_level("DEBUG", logger="fluxfill.safety"):
+        safety.check_outputs(load_params(), "train")
+    assert f"cannot list the files git tracks in {repo} ([Errno 2] No such file or directory: 'git'): outputs are " \
+        "not checked against them" in caplog.text
+    assert "git rev-parse failed in" in caplog.text  # the repository then is the folder holding dvc.yaml
+    with pytest.raises(safety.UnsafePath, match="overlaps .dvc, which is part of the project"):  # the rest still holds
+        safety.check_outputs(load_params(overrides=["train.output=.dvc/x"]), "train")
+
+
 def test_prepare_replaces_its_output_only_when_it_wrote_everything_there(tmp_path):
     from fluxfill.data import prepare
 

@@ -91,6 +91,7 @@ def test_unreachable_server_fails_fast_with_advice():
     assert re.match(rf"MLflow tracking server {uri} is unreachable: \[Errno \d+\] Connection refused; ", msg)
     assert f"mlflow server --host 127.0.0.1 --port {uri.rsplit(':', 1)[1]} " in msg
     assert msg.endswith("or unset MLFLOW_TRACKING_URI to use the local sqlite database")
+    assert "Connection refused" in str(err.value.__cause__)  # MLflow's own error stays chained
 
 
 def test_silent_server_times_out(monkeypatch):
@@ -242,13 +243,17 @@ def test_run_tags_link_git_commit_and_dvc_data(tmp_path, monkeypatch):
     assert tracking.run_tags(Params())["git.dirty"] == "true"
 
 
-def test_run_tags_without_git_or_dvc_lock(tmp_path, monkeypatch):
+def test_run_tags_without_git_or_dvc_lock(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    assert set(tracking.run_tags(Params())) == {"preset", "device", "fluxfill.version"}
+    with caplog.at_level(logging.INFO, logger="fluxfill.tracking"):
+        assert set(tracking.run_tags(Params())) == {"preset", "device", "fluxfill.version"}
+    assert "no git tag on the run: `git rev-parse HEAD` failed (Command '['git', 'rev-parse', 'HEAD']' returned " \
+        "non-zero exit status 128" in caplog.text
+    assert "no dvc.data tag for data/prepared: dvc.lock does not exist yet (`dvc repro` writes it)" in caplog.text
 
 
-def test_dvc_out_hash(tmp_path):
+def test_dvc_out_hash(tmp_path, caplog):
     lock = tmp_path / "dvc.lock"
     lock.write_text(DVC_LOCK)
     assert tracking.dvc_out_hash("data/latents", lock) == "aaaabbbbccccddddeeeeffff00001111.dir"
@@ -256,7 +261,9 @@ def test_dvc_out_hash(tmp_path):
     assert tracking.dvc_out_hash("models", lock) is None
     assert tracking.dvc_out_hash("data/latents", tmp_path / "missing.lock") is None
     lock.write_text("stages: [unclosed")
-    assert tracking.dvc_out_hash("data/latents", lock) is None
+    with caplog.at_level(logging.WARNING, logger="fluxfill.tracking"):
+        assert tracking.dvc_out_hash("data/latents", lock) is None
+    assert f"no dvc.data tag for data/latents: {lock} is not readable (while parsing a flow sequence)" in caplog.text
 
 
 # --- runs ---------------------------------------------------------------------------------------
