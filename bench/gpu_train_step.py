@@ -415,8 +415,9 @@ def plan(args, device: torch.device) -> list[Config]:
     configs = ([Config("reference", ref_b, ref_ckpt, False, group="headline")] if args.reference else []) + [head]
     if args.quantize:
         pb = args.preset_batch
-        configs += [Config("ours", pb, True, comp, "preset_24gb", q, steps=args.preset_steps, fresh=True)
-                    for q in ("none", *args.quantize)]
+        configs += [Config("ours", pb, True, fluxfill_step.compile_setting(bench_params(args, quantize=q), device),
+                           "preset_24gb", q, steps=args.preset_steps, fresh=True)
+                    for q in ("none", *args.quantize)]  # compiled as training's `auto` resolves it
     matrix = [Config("ours", b, ck, co) for b in args.batch_sizes for ck in args.checkpointing for co in args.compile]
     matrix.sort(key=lambda c: (-c.batch, c.checkpointing is not True, not c.compile))
     configs += [c for c in matrix if c.name not in {x.name for x in configs}]
@@ -491,7 +492,7 @@ class OurStep:
 
     def close(self) -> list[float]:
         """The losses (one host sync) and the model back to its plain forward for the next configuration."""
-        losses = torch.stack(self.losses).float().tolist()
+        losses = torch.stack(self.losses).float().tolist() if self.losses else []  # [] when the first step failed
         acc = self.trainer.accelerator
         acc.unwrap_model(self.trainer.transformer, keep_fp32_wrapper=False)
         acc.free_memory()

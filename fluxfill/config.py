@@ -132,7 +132,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(20, ge=0, description="0: never")
     keep_checkpoints: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile of each transformer block; auto: on with CUDA")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile of each transformer block; auto: on with CUDA for an unquantised base")
     lora: LoraConfig = LoraConfig()
 
 

@@ -41,8 +41,17 @@ def weight_dtype(params: Params, mixed: str, device: torch.device) -> torch.dtyp
 
 
 def resolve(setting: bool | str, device: torch.device) -> bool:
-    """An ``auto`` / bool switch (``train.compile``): auto is on with CUDA."""
+    """An ``auto`` / bool switch: auto is on with CUDA."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_setting(params: Params, device: torch.device) -> bool:
+    """``train.compile`` resolved: ``auto`` is on with CUDA for a bf16/fp16/fp32 base and off for a quantised one
+    (torch 2.11's compiler refused torchao's int8 weights in the backward pass on the H100: output aliasing
+    with tensor-subclass inputs)."""
+    if params.train.compile != "auto":
+        return bool(params.train.compile)
+    return device.type == "cuda" and params.model.quantize == "none"
 
 
 # Activations one transformer block keeps for its backward pass, in bytes per sample, token and hidden unit, at
@@ -210,7 +219,7 @@ def build(params: Params, accelerator, transformer, fusion, checkpointing: bool 
     scheduler = get_scheduler("constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler, optimizer,
                               num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     transformer, fusion, optimizer, scheduler = accelerator.prepare(transformer, fusion, optimizer, scheduler)
-    set_compiled(accelerator.unwrap_model(transformer), resolve(t.compile, device))
+    set_compiled(accelerator.unwrap_model(transformer), compile_setting(params, device))
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Trainer(accelerator, transformer, fusion, optimizer, scheduler, trainable, t.max_grad_norm, t.loss_region,
                    checkpointing)

@@ -198,3 +198,11 @@ def test_auto_checkpointing_is_off_on_the_cpu_and_explicit_settings_stand():
     for setting, expect in (("auto", False), (True, True), (False, False)):
         params = validate({"train": {"gradient_checkpointing": setting}})
         assert step_module.checkpointing_setting(params, transformer, cpu) is expect
+
+
+@pytest.mark.parametrize(("compile_", "quantize", "device", "expect"), [
+    ("auto", "none", "cuda", True), ("auto", "int8", "cuda", False), ("auto", "none", "cpu", False),
+    (True, "int8", "cuda", True), (False, "none", "cuda", False)])
+def test_auto_compile_is_off_for_a_quantised_base(compile_, quantize, device, expect):
+    params = validate({"model": {"quantize": quantize}, "train": {"compile": compile_}})
+    assert step_module.compile_setting(params, torch.device(device)) is expect
