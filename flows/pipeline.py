@@ -13,7 +13,8 @@
    Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
 4. leaves ``dvc.lock`` up to date (checked with ``dvc status``), so ``dvc repro`` has nothing to do;
 5. with a ``run_name``, records the workspace as DVC experiment ``run_name`` (``dvc exp show``);
-6. publishes Prefect artifacts: a summary, a table of the metrics, the MLflow run's address.
+6. publishes Prefect artifacts: a summary (with the model version training registered), a table of the
+   metrics, the MLflow run's address.
 
 Stages are not retried: a failed training is a result to read, not a glitch. Calls to MLflow are.
 Flows work in the repository found from the current directory (``python -m flows.serve`` moves there).
@@ -84,20 +85,27 @@ def exp_save(root: Path, name: str) -> str:
 
 
 @task(name="mlflow-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
-def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Look up the MLflow run in ``ref`` (its name and status) and set ``tags`` on it. Retried."""
+def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None,
+               registered_model: str | None = None) -> dict[str, Any]:
+    """Look up the MLflow run in ``ref`` (name, status, the model versions it registered); tag it and them. Retried."""
     from mlflow.tracking import MlflowClient
+
+    from fluxfill.registry import run_versions
 
     client = MlflowClient(tracking_uri=ref["tracking_uri"])
     run = client.get_run(ref["run_id"])
+    versions = run_versions(client, registered_model, run.info.run_id) if registered_model else []
     for key, value in (tags or {}).items():
         client.set_tag(run.info.run_id, key, value)
+        for v in versions:
+            client.set_model_version_tag(v.name, v.version, key, value)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "experiment_id": run.info.experiment_id,
         "status": run.info.status,
         "tracking_uri": ref["tracking_uri"],
+        "model_versions": [{"name": v.name, "version": str(v.version)} for v in versions],
     }
 
 
@@ -183,6 +191,10 @@ def summary_markdown(
         url = mlflow_ui_url(mlflow_info)
         lines.append(f"\n**MLflow**: run `{mlflow_info['run_name']}` (`{mlflow_info['run_id']}`, "
                      f"{mlflow_info['status']}): " + (f"[open]({url})" if url else _mlflow_ui_hint(mlflow_info)))
+        for v in mlflow_info.get("model_versions", []):
+            uri = f"models:/{v['name']}/{v['version']}"
+            lines.append(f"\n**Model version**: `{v['name']}` version {v['version']} (`{uri}`; "
+                         f"`fluxfill promote {v['version']} --alias champion`, `fluxfill edit --model {uri}`)")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -289,7 +301,7 @@ def train_diptych(
         trained = any(r.stage == "train" and r.status == "ran" for r in runs)
         tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
         try:
-            mlflow_info = mlflow_run(ref, tags)
+            mlflow_info = mlflow_run(ref, tags, params.tracking.registered_model)
         except Exception as e:  # retried already; the stages' results stand, the link is what is missing
             notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
             logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)

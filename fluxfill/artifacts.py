@@ -28,6 +28,7 @@ CACHE_GEOMETRY = "geometry.safetensors"            # in encode.output: mask late
 LORA_DIR = "lora"                                  # in train.output: the diffusers LoRA folder
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # in LORA_DIR: diffusers' LORA_WEIGHT_NAME_SAFE
 FUSION_FILE = "fusion.safetensors"                 # in train.output: the fusion module
+SPEC_FILE = "fluxfill_model.json"                  # in train.output: what rebuilds the pipeline (ModelSpec)
 TRAIN_METRICS = "metrics/train.json"               # final loss, fusion weight, steps
 TRAIN_PLOT = "plots/train.csv"                     # one row per optimizer step
 VAL_PLOT = "plots/val.csv"                         # val_loss at step 0, every train.val_every steps and the end

@@ -3,7 +3,9 @@
 Each row shows the run's name, start time (local), status, the params that DIFFER between the
 listed runs (params all runs share are left out), the final `loss`, `val_loss` and `fusion_weight`
 (blank when a run did not log it, e.g. fusion_weight with fusion.mode none), the evaluation metrics
-when present (psnr, ssim, identity_*, base_*) and the run id.
+when present (psnr, ssim, identity_*, base_*), the version of tracking.registered_model the run
+registered and that version's aliases (when some listed run has one; `fluxfill promote` sets aliases),
+and the run id.
 
 With --parent RUN_ID (a `fluxfill sweep` parent run): its child runs, one per point in the sweep's
 order, with a restored_from column (the run whose outputs DVC restored for that point, else blank).
@@ -42,13 +44,15 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from . import tracking
+from . import registry, tracking
 from .config import FluxfillError, Params, TrackingConfig
 
 RESTORED_TAG = "fluxfill.restored_from"  # on a sweep's child run whose outputs DVC restored: the producing run
 TRAIN_METRICS = ("loss", "val_loss", "fusion_weight")
 EVAL_METRICS = ("psnr", "ssim", "identity_psnr", "identity_ssim", "base_psnr", "base_ssim")
-FIXED_COLUMNS = ("run", "started", "status", *TRAIN_METRICS, *EVAL_METRICS, "restored_from", "run_id")
+REGISTRY_COLUMNS = ("version", "aliases")
+FIXED_COLUMNS = ("run", "started", "status", *TRAIN_METRICS, *EVAL_METRICS, *REGISTRY_COLUMNS, "restored_from",
+                 "run_id")
 NOT_COMPARED = {"params.tracking.run_name"}  # the run column already shows it
 FORMATS = ("table", "csv", "markdown")
 
@@ -58,8 +62,10 @@ def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "", p
     every child run of that run, oldest first (a sweep's points in order).
 
     Columns: run, started, status, one per differing param (``fusion.mode``), loss, val_loss, fusion_weight,
-    the eval metrics some run logged, restored_from (with ``parent``), run_id. Metric values are the last
-    logged (highest step). Raises FluxfillError when there is no run to show; creates nothing in the store.
+    the eval metrics some run logged, version and aliases (when some run registered a version of
+    ``cfg.registered_model``; several versions of one run are joined by ``,``), restored_from (with
+    ``parent``), run_id. Metric values are the last logged (highest step).
+    Raises FluxfillError when there is no run to show; creates nothing in the store.
     """
     uri = tracking.tracking_uri(cfg)
     db = tracking.sqlite_path(uri)
@@ -84,6 +90,10 @@ def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "", p
             table[m] = found[f"metrics.{m}"]
     if parent:
         table["restored_from"] = found.get(f"tags.{RESTORED_TAG}", pd.Series("", index=found.index)).fillna("")
+    versions = registry.versions_by_run(cfg)
+    if any(r in versions for r in found["run_id"]):
+        table["version"] = [",".join(v for v, _ in versions.get(r, [])) for r in found["run_id"]]
+        table["aliases"] = [",".join(a for _, aliases in versions.get(r, []) for a in aliases) for r in found["run_id"]]
     table["run_id"] = found["run_id"]
     return table.reset_index(drop=True)
 

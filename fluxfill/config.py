@@ -66,6 +66,11 @@ class DataConfig(Section):
             raise ValueError("must contain the placeholder {instruction}")
         return v
 
+    @property
+    def task_instruction(self) -> str:
+        """``instruction``, or the demo task's own when it is null."""
+        return TASK_INSTRUCTIONS[self.demo_task] if self.instruction is None else self.instruction
+
 
 class ModelConfig(Section):
     preset: Literal["tiny", "flux-fill-dev", "flux-fill-dev-random"] = "tiny"
@@ -74,6 +79,9 @@ class ModelConfig(Section):
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_sequence_length: int = Field(512, ge=1, le=512)
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="storage of the frozen transformer's linear weights (torchao); model.dtype stays the "
+        "compute dtype and the LoRA trains on top in fp32")
 
 
 class EncodeConfig(Section):
@@ -154,6 +162,9 @@ class TrackingConfig(Section):
     experiment: str = "fluxfill"
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db")
     run_name: str | None = None
+    registered_model: str | None = Field(
+        "fluxfill-diptych", min_length=1,
+        description="MLflow Model Registry name each finished training run registers a version under; None: none")
 
 
 class Params(Section):
@@ -168,6 +179,35 @@ class Params(Section):
     def flat(self) -> dict[str, Any]:
         """``{"train.lora.rank": 16, ...}``: what MLflow logs as params."""
         return flatten(self.model_dump())
+
+
+class ModelSpec(Section):
+    """What a trained model needs besides its weights to be rebuilt for generation (``fluxfill_model.json``).
+
+    Training writes it next to the LoRA and the fusion file with the settings that produced them; a registered
+    MLflow model version also carries the evaluation settings of its run (``eval``), which ``fluxfill edit`` uses
+    as its defaults.
+    """
+
+    fluxfill_version: str
+    model: ModelConfig
+    panel_size: int = Field(ge=16, le=4096)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    instruction: str
+    lora: LoraConfig
+    fusion: FusionConfig
+    eval: EvalConfig | None = None
+
+    @classmethod
+    def from_params(cls, params: Params, version: str, with_eval: bool = False) -> ModelSpec:
+        return cls(fluxfill_version=version, model=params.model, panel_size=params.data.panel_size,
+                   prompt_template=params.data.prompt_template, instruction=params.data.task_instruction,
+                   lora=params.train.lora, fusion=params.fusion, eval=params.eval if with_eval else None)
+
+    @property
+    def prompt(self) -> str:
+        """The training prompt: ``prompt_template`` with ``instruction``."""
+        return self.prompt_template.format(instruction=self.instruction)
 
 
 def check_panel_size(size: int) -> None:

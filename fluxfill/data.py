@@ -51,18 +51,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 import numpy as np
-import yaml
+import pandas as pd
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from .artifacts import MANIFEST
-from .config import TASK_INSTRUCTIONS, DataConfig, FluxfillError, repo_root
+from .artifacts import MANIFEST, damaged, reading
+from .config import DataConfig, FluxfillError
 from .panels import build_panels, fit_panel, to_rgb
 from .safety import check_outputs
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("id", "split", "prompt", "source", "target", "reference", "sha256", "file")
+READ_COLUMNS = ("id", "split", "prompt", "file", "sha256")  # what the later stages read of the manifest
 INPUT_COLUMNS = ("source", "target", "reference", "prompt", "split")
 REQUIRED_COLUMNS = ("source", "target")
 SPLITS = ("train", "val")
@@ -287,6 +288,16 @@ def read_image(label: str) -> Image.Image:
         return ImageOps.exif_transpose(img)
 
 
+def open_checked(label: str) -> tuple[Image.Image | None, str | None]:
+    """``(image, None)`` for a readable image (see :func:`read_image`), else ``(None, "<label>: <problem and fix>")``."""
+    try:
+        return read_image(label), None
+    except UnidentifiedImageError:
+        return None, f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{label}: unreadable or truncated image ({e}); re-export or remove it"
+
+
 def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The demo's source: a slightly blurred, darkened (gain and gamma), noisy copy of an RGB panel."""
     blur = rng.uniform(0.6, 1.4) * img.width / 512
@@ -319,13 +330,9 @@ def _check_images(samples: list[Sample], cfg: DataConfig) -> list[str]:
                      for s in samples for lab in (s.target, s.source, s.reference) if lab})
     problems: list[str] = []
     for label in labels:
-        try:
-            img = read_image(label)
-        except UnidentifiedImageError:
-            problems.append(f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG")
-            continue
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            problems.append(f"{label}: unreadable or truncated image ({e}); re-export or remove it")
+        img, problem = open_checked(label)
+        if problem:
+            problems.append(problem)
             continue
         _, note = to_rgb(img)
         if note:
@@ -358,7 +365,7 @@ def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def _prompt(cfg: DataConfig) -> str:
-    instruction = TASK_INSTRUCTIONS[cfg.demo_task] if cfg.instruction is None else cfg.instruction
+    instruction = cfg.task_instruction
     try:
         return cfg.prompt_template.format(instruction=instruction)
     except (KeyError, IndexError, ValueError) as e:
@@ -464,9 +471,9 @@ def _check_replaceable(out: Path) -> None:
         return
     known = {MANIFEST}
     try:
-        known |= {row["file"] for row in read_manifest(out)}
-    except (FluxfillError, OSError, KeyError, csv.Error):
-        pass
+        known |= set(read_manifest(out)["file"])
+    except FluxfillError as e:  # no readable manifest: every file counts as foreign
+        logger.debug("%s", e)
     foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
     foreign = [name for name in foreign if name not in known]
     if foreign:
@@ -497,35 +504,25 @@ def prepare(cfg: DataConfig) -> PrepareResult:
     return PrepareResult(path=out, manifest=out / MANIFEST, count=len(samples), train=len(samples) - n_val, val=n_val)
 
 
-def read_manifest(path: str | os.PathLike = "data/prepared") -> list[dict[str, str]]:
-    """The rows of ``<path>/manifest.csv`` as dicts (columns :data:`MANIFEST_COLUMNS`)."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise FluxfillError(f"{file}: not found; run `fluxfill prepare` (or `dvc repro prepare`) first")
-    with open(file, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def read_manifest(prepared: str | os.PathLike) -> pd.DataFrame:
+    """The rows of ``<prepared>/manifest.csv``; a damaged, truncated or foreign manifest is refused in one line."""
+    path = Path(prepared) / MANIFEST
+    if not path.exists():
+        raise FluxfillError(f"{path} not found: run `fluxfill prepare` (or `dvc repro prepare`) first")
+    with reading(path, "prepare", "manifest"):
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    missing = set(READ_COLUMNS) - set(df.columns)
+    if missing:
+        raise damaged(path, f"a manifest from another version of fluxfill (no columns {sorted(missing)})", "prepare")
+    bad = ~df["sha256"].str.fullmatch(r"[0-9a-f]{64}") | ~df["split"].isin(["train", "val"]) | (df["file"] == "")
+    if bad.any():
+        line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
+        raise damaged(path, f"damaged or truncated manifest (line {line} is incomplete)", "prepare")
+    return df
+
 
 
 # --------------------------------------------------------------------------------------------- version
-
-
-def _lock_entry(root: Path, rel: str) -> dict | None:
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
-    for stage in stages.values():
-        for out in stage.get("outs") or []:
-            if PurePath(out.get("path", "")).as_posix() == rel and out.get("md5"):
-                return out
-    return None
-
-
-def _size_and_count(path: Path) -> tuple[int, int]:
-    if path.is_file():
-        return path.stat().st_size, 1
-    files = [Path(d) / f for d, _, names in os.walk(path) for f in names]
-    return sum(f.stat().st_size for f in files), len(files)
 
 
 def dvc_md5(path: Path) -> str:
@@ -538,23 +535,6 @@ def dvc_md5(path: Path) -> str:
     odb = HashFileDB(MemoryFileSystem(), "/fluxfill-data-version")
     _, _, obj = build(odb, str(path), LocalFileSystem(), "md5", dry_run=True)
     return obj.hash_info.value
-
-
-def data_version(path: str | os.PathLike = "data/prepared") -> str | None:
-    """The DVC hash of a pipeline output (``data/prepared``, ``data/latents``, ...), e.g. ``"3f2a...dir"``.
-
-    Taken from ``dvc.lock`` when it records ``path`` and the recorded size and file count still match
-    the workspace (or the data is not checked out); otherwise computed with dvc-data as DVC would.
-    None when the path is neither in ``dvc.lock`` nor on disk.
-    """
-    target = Path(path).resolve()
-    root = repo_root()
-    entry = _lock_entry(root, target.relative_to(root).as_posix()) if target.is_relative_to(root) else None
-    if not target.exists():
-        return entry["md5"] if entry else None
-    if entry and _size_and_count(target) == (entry.get("size"), entry.get("nfiles", 1)):
-        return entry["md5"]
-    return dvc_md5(target)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -1,4 +1,4 @@
-"""The training objective (DESIGN §3): rectified flow matching on the Fill transformer.
+"""The training objective (docs/design.md §3): rectified flow matching on the Fill transformer.
 
     σ ~ sigmoid(N(0, 1)) per sample              (logit-normal, no shift)
     x_t = (1 - σ) x_0 + σ ε                     target velocity v = ε - x_0

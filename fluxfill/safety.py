@@ -30,14 +30,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .artifacts import EVAL_METRICS, TRAIN_METRICS, TRAIN_PLOT
+from .artifacts import EVAL_METRICS, TRAIN_METRICS, TRAIN_PLOT, VAL_PLOT
 from .config import FluxfillError, Params, repo_root
 
 # project files no output may be, contain or lie in (besides tracked files); mlflow.db and mlartifacts are
 # tracking.DB_FILE and tracking.ARTIFACTS_DIR, the default MLflow store
 PROTECTED = (".git", ".dvc", "dvc.yaml", "dvc.lock", "params.yaml", ".fluxfill", "mlflow.db", "mlartifacts")
 # files written by a stage at fixed paths
-FIXED_OUTPUTS = {"train": (TRAIN_METRICS, TRAIN_PLOT), "evaluate": (EVAL_METRICS,)}
+FIXED_OUTPUTS = {"train": (TRAIN_METRICS, TRAIN_PLOT, VAL_PLOT), "evaluate": (EVAL_METRICS,)}
 LOCK_FILE = Path(".fluxfill") / "train.lock"
 LOCK_ENV = "FLUXFILL_TRAIN_LOCK"
 

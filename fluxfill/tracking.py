@@ -67,9 +67,9 @@ DB_FILE = "mlflow.db"
 RUN_REF_FORMAT = 1  # the version of the run reference's layout
 ARTIFACTS_DIR = "mlartifacts"
 REACH_TIMEOUT_S = 5.0
-# The experiment tag the MLflow UI has read (3.x) to open an experiment in its model-training view rather than
-# the GenAI one. MLflow 3.17's UI decides by a workflow switch instead (default GenAI, kept in the browser), which
-# the ``workflowType`` query parameter of :func:`ui_url` sets.
+# The experiment tag from which MLflow's UI takes an experiment's kind (model training or GenAI) when its workflow
+# switch is off. In MLflow 3.17's UI the switch is on: the kind follows the switch (GenAI unless changed, kept in
+# the browser), which the ``workflowType`` query parameter of :func:`ui_url` sets.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"
 NAME_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l

@@ -1,6 +1,6 @@
 """Train LoRA adapters + the semantic fusion weight on FLUX.1-Fill from the latent cache (data/latents).
 
-Rectified-flow objective (DESIGN §3) with accelerate: mixed precision (bf16 on CUDA, fp32 on CPU), gradient
+Rectified-flow objective (docs/design.md §3) with accelerate: mixed precision (bf16 on CUDA, fp32 on CPU), gradient
 accumulation, clipping, warm-up + schedule, optional gradient checkpointing, several processes:
 
   fluxfill train --set train.num_processes=8       # DDP: 8 workers (GPUs; gloo on a CPU), see fluxfill.distributed
@@ -54,6 +54,7 @@ from .artifacts import (
     CHECKPOINT_STATE,
     FUSION_FILE,
     LORA_DIR,
+    SPEC_FILE,
     TRAIN_METRICS,
     TRAIN_PLOT,
     TRAIN_TIMING,
@@ -69,6 +70,8 @@ from .encode import LatentCache, settings
 from .fusion import SemanticFusion, build_fusion
 from .models import add_lora, load_component, resolve_dtype
 from .objective import flow_matching_step
+from .registry import register_trained_model, write_spec
+from .sampling import training_sample_grid
 from .validation import validation_loss
 
 log = logging.getLogger(__name__)
@@ -454,7 +457,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
     out_dir = Path(params.train.output)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE):  # what this stage wrote before
+        for own in (out_dir / LORA_DIR, out_dir / FUSION_FILE, out_dir / SPEC_FILE):  # what this stage wrote before
             shutil.rmtree(own) if own.is_dir() else own.unlink(missing_ok=True)
         # the adapter metadata carries lora_alpha: without it diffusers would load at scale 1, not alpha/rank
         FluxFillPipeline.save_lora_weights(
@@ -463,6 +466,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
             transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
         canonical_safetensors_header(lora_weights(out_dir))
         fusion_module.save(out_dir / FUSION_FILE)
+        write_spec(params, out_dir)  # the folder is complete: its digest keys the run reference
         tracking.write_run_ref(run, out_dir)
         _write_metrics(history, result)
         _write_timing(result, accelerator.device)
@@ -470,6 +474,7 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
     if accelerator.is_main_process:
         mlflow.log_artifacts(str(out_dir), "model")
         tracking.tag_outputs(out_dir)
+        register_trained_model(params, out_dir)
 
 
 
@@ -540,8 +545,11 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
 
     def validate(at: int) -> None:
+        nonlocal window_t
         if val_cache is not None:
+            began = time.perf_counter()
             _validate(params, accelerator, transformer, fusion, val_cache, at, history)
+            window_t += time.perf_counter() - began  # samples_per_s counts training time only
 
     if start == 0:
         validate(0)
@@ -720,10 +728,6 @@ def _log_samples(params: Params, accelerator, transformer, fusion, step: int) ->
 
     if not accelerator.is_main_process and accelerator.distributed_type != DistributedType.FSDP:
         return
-    try:
-        from .evaluate import training_sample_grid
-    except ImportError:  # evaluation not installed: no grid
-        return
     grid = training_sample_grid(params, accelerator.unwrap_model(transformer), accelerator.unwrap_model(fusion))
     if grid is not None and accelerator.is_main_process:
         tracking.log_image(grid, f"step_{step:06d}", folder="samples")
@@ -742,20 +746,19 @@ def _worker_argv(args) -> list[str]:
 
 
 def run(params: Params, args) -> int:
-    safety.check_outputs(params, "train")
+    safety.check_outputs(params, "train")  # the CLI holds the training lock (fluxfill.cli.LOCKED)
     world = distributed.launched_world_size()
     try:
-        with safety.training_lock():
-            if world is None and params.train.num_processes > 1:  # start the workers; each runs this command
-                distributed.launch(params.train.num_processes, _worker_argv(args))
-                return 0
-            if world is not None:
-                distributed.stop_on_sigterm()
-            try:
-                result = train(params, fresh=args.fresh)
-            except BaseException as e:
-                distributed.record_failure(e)
-                raise
+        if world is None and params.train.num_processes > 1:  # start the workers; each runs this command
+            distributed.launch(params.train.num_processes, _worker_argv(args))
+            return 0
+        if world is not None:
+            distributed.stop_on_sigterm()
+        try:
+            result = train(params, fresh=args.fresh)
+        except BaseException as e:
+            distributed.record_failure(e)
+            raise
     except KeyboardInterrupt:
         done = "a checkpoint was written" if (world or params.train.num_processes) == 1 else \
             "checkpoints are written every train.checkpoint_every steps"

@@ -69,3 +69,44 @@ def tiny(tiny_cfg):
 
     torch.manual_seed(0)
     return {name: load_component(tiny_cfg, name, "cpu") for name in COMPONENTS}
+
+
+def write_model_dir(folder, panel: int = 64, fusion_mode: str = "learned", msl: int = 16, **eval_settings):
+    """A trained-looking tiny model folder, as `fluxfill train` writes it: LoRA (non-zero B, alpha 8, rank 4) with
+    adapter metadata, fusion file (α 0.3) and fluxfill_model.json; returns the params it was "trained" with."""
+    from diffusers import FluxFillPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from fluxfill.config import validate
+    from fluxfill.fusion import SemanticFusion
+    from fluxfill.models import add_lora, load_component
+    from fluxfill.registry import write_spec
+
+    params = validate({"data": {"panel_size": panel}, "model": {"max_sequence_length": msl},
+                       "train": {"output": str(folder), "lora": {"rank": 4, "alpha": 8}},
+                       "fusion": {"mode": fusion_mode}, "eval": eval_settings})
+    transformer = add_lora(load_component(params.model, "transformer"), params.train.lora)
+    g = torch.Generator().manual_seed(1)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    FluxFillPipeline.save_lora_weights(folder / "lora", transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                       transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    torch.manual_seed(3)
+    SemanticFusion(fusion_mode, 32, 24, init=0.3).save(folder / "fusion.safetensors")
+    write_spec(params, folder)
+    return params
+
+
+@pytest.fixture(scope="session")
+def model_factory():
+    """:func:`write_model_dir`: ``model_factory(folder, fusion_mode="none", num_inference_steps=2)``."""
+    return write_model_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """One tiny model folder (64-px panels, fusion pooled) shared by the tests that only read it."""
+    folder = tmp_path_factory.mktemp("trained") / "models"
+    write_model_dir(folder)
+    return folder

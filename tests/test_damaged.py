@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import make_prepared
 
-from bench.common import make_prepared
 from fluxfill import artifacts
 from fluxfill.cli import main
 from fluxfill.config import validate
@@ -196,7 +196,7 @@ def test_weights_trained_with_other_settings(workspaces, tmp_path, monkeypatch, 
     line = run_broken(workspaces, tmp_path / "2", monkeypatch, capsys, "done",
                       ["evaluate", "--set", "fusion.mode=none"], lambda ws: None)
     expect(line, "evaluate", "models/fusion.safetensors",
-           re.escape("a fusion module trained with fusion.mode 'pooled' (params: 'none')"), REBUILD["train"])
+           re.escape("a fusion module trained with fusion.mode 'learned' (params: 'none')"), REBUILD["train"])
 
 
 # ------------------------------------------------------------------------- the run reference and the metrics

@@ -19,9 +19,9 @@ import mlflow
 import pytest
 import torch
 import yaml
+from helpers import make_prepared
 from safetensors.torch import load_file, save_file
 
-from bench.common import make_prepared
 from fluxfill.artifacts import TRAIN_PLOT, VAL_PLOT
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.distributed import load_trainable_state_dict, trainable_state_dict, with_world_size

@@ -132,7 +132,7 @@ def test_paths_come_from_params_and_names_from_artifacts():
     outs = {stage: s["outs"] for stage, s in stages().items()}
     assert outs == {
         "prepare": [p.data.output], "encode": [p.encode.output],
-        "train": [p.train.output, artifacts.TRAIN_METRICS, artifacts.TRAIN_PLOT],
+        "train": [p.train.output, artifacts.TRAIN_METRICS, artifacts.TRAIN_PLOT, artifacts.VAL_PLOT],
         "evaluate": [f"{p.eval.output}/{artifacts.EVAL_TABLE}", artifacts.EVAL_METRICS,
                      f"{p.eval.output}/{artifacts.EVAL_SAMPLES}"],
     }
@@ -273,7 +273,7 @@ def test_two_runs_write_byte_identical_outputs_and_dvc_lock(tmp_path, copy_repo)
     assert len(files_a) > 30 and "models/lora/pytorch_lora_weights.safetensors" in files_a
     assert [f for f in files_a if files_a[f] != files_b.get(f)] == [] and files_a.keys() == files_b.keys()
     assert (a / "dvc.lock").read_bytes() == (b / "dvc.lock").read_bytes()
-    assert json.loads(files_a["metrics/train.json"]).keys() == {"loss", "fusion_weight", "steps"}
+    assert json.loads(files_a["metrics/train.json"]).keys() == {"loss", "fusion_weight", "steps", "val_loss", "val_loss_start"}
     assert len(files_a["plots/train.csv"].decode().splitlines()) == 1 + 4  # one row per step in both
     for repo in (a, b):
         [ref] = (repo / artifacts.RUN_REFS).glob("*.json")

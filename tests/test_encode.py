@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import make_prepared
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
 from fluxfill.fusion import SemanticFusion
@@ -142,3 +142,58 @@ def test_encode_deletes_only_its_own_stale_shards(cache):
     assert not (out / "text-00009.safetensors").exists()
     assert (out / "weights.safetensors").read_bytes() == b"someone's weights"
     assert (out / "notes-00001.safetensors").exists()
+
+
+def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypatch):
+    """Weak references to every model encode loads: when a family loads, no model of an earlier family lives."""
+    import gc
+    import weakref
+
+    from fluxfill import encode as encode_module
+
+    families = {"text_encoder": "text", "text_encoder_2": "text", "vae": "vae", "image_encoder": "vision"}
+    loaded: list[tuple[str, weakref.ref]] = []
+    alive_at_load: dict[str, list[str]] = {}
+    real = encode_module.load_component
+    gc_calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: gc_calls.append(a) or 0)  # release must not need a collection
+
+    def load_component(cfg, name, *args, **kwargs):
+        if name in families:
+            alive_at_load[name] = sorted({n for n, ref in loaded if ref() is not None and families[n] != families[name]})
+        module = real(cfg, name, *args, **kwargs)
+        if name in families:
+            loaded.append((name, weakref.ref(module)))
+        return module
+
+    monkeypatch.setattr(encode_module, "load_component", load_component)
+    make_prepared(tmp_path / "prepared", 3, PANEL)
+    assert encode(params_for(tmp_path), device="cpu")["complete"]
+    assert alive_at_load == {"text_encoder": [], "text_encoder_2": [], "vae": [], "image_encoder": []}
+    assert [n for n, ref in loaded if ref() is not None] == [] and gc_calls == []
+
+
+def test_missing_geometry_alone_is_rebuilt_identically(cache):
+    params, _, out = cache
+    before = (out / GEOMETRY).read_bytes()
+    (out / GEOMETRY).unlink()
+    again = encode(params, device="cpu")
+    assert again["written"] == [] and (out / GEOMETRY).read_bytes() == before
+
+
+def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):
+    from fluxfill import encode as encode_module
+
+    real, calls = encode_module._save_atomic, []
+
+    def failing(tensors, path, metadata):
+        calls.append(path.name)
+        if path.name == "vae-00001.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(encode_module, "_save_atomic", failing)
+    make_prepared(tmp_path / "prepared", 5, PANEL)
+    with pytest.raises(OSError, match="No space left on device"):
+        encode(params_for(tmp_path), device="cpu")
+    assert not (tmp_path / "latents" / META).exists() and not (tmp_path / "latents" / "vision-00000.safetensors").exists()

@@ -11,20 +11,21 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import FluxFillPipeline
+from helpers import make_prepared
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill import tracking
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.encode import LatentCache, encode
-from fluxfill.evaluate import PSNR_CAP, check_lora, generate, psnr, sample_grid, ssim
+from fluxfill.evaluate import PSNR_CAP, psnr, ssim
 from fluxfill.fusion import SemanticFusion
 from fluxfill.latents import encode_prompts
 from fluxfill.models import add_lora, load_component, load_pipeline
 from fluxfill.objective import flow_matching_step
 from fluxfill.panels import panels_from_triptych
+from fluxfill.sampling import check_lora, generate, sample_grid
 
 PANEL = 32
 MSL = 16  # T5 tokens
@@ -248,3 +249,23 @@ def test_generate_with_lora_and_fusion_on_cuda_bf16(tmp_path, tiny_cfg):
         assert t.shape == (PANEL, PANEL, 3) and t.std() > 1  # a picture, not a constant
         assert np.abs(t - a).max() <= 1  # seeded: the same answer twice
         assert np.abs(t - b).mean() > 5
+
+
+def test_train_does_not_import_the_evaluate_stage():
+    """Generation lives in fluxfill.sampling: training (its sample grids) never loads the evaluate stage."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "fluxfill"
+
+    def reachable(module: str, seen: set[str]) -> set[str]:  # fluxfill modules imported, directly or not
+        seen.add(module)
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for name in [node.module] if node.module else [a.name for a in node.names]:
+                    if name not in seen and (package / f"{name}.py").exists():
+                        reachable(name, seen)
+        return seen
+
+    found = reachable("train", set())
+    assert "sampling" in found and "registry" in found and "evaluate" not in found

@@ -168,7 +168,8 @@ def test_prefect_yaml_deployments_load_their_flows():
     for d in config["deployments"]:
         path, _, func = d["entrypoint"].partition(":")
         names[f"{load_flow_from_entrypoint(str(ROOT / path) + ':' + func).name}/{d['name']}"] = d["work_pool"]["name"]
-    assert names == {"train-diptych/gpu": "gpu", "sweep-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
+    assert names == {"train-diptych/gpu": "gpu", "sweep-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu",
+                     "edit-batch/gpu": "gpu"}
 
 
 def test_serve_refuses_to_start_without_a_server(capsys):
@@ -346,6 +347,8 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
                 runs = pc.read_flow_runs()
             flow_run = next(r for r in runs if r.parameters.get("run_name") == "ci-served")
             assert flow_run.state.is_completed()
+            version = client.get_model_version("fluxfill-diptych", "1")  # the version training registered
+            assert version.run_id == ref["run_id"] and version.tags["prefect.flow_run_id"] == str(flow_run.id)
             arts = _artifacts(flow_run.id)
             assert {"train-diptych-summary", "train-diptych-metrics", "mlflow-run"} <= set(arts)
             summary = arts["train-diptych-summary"].data
@@ -353,6 +356,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
                 assert f"| {stage} | ran |" in summary
             train_metrics = json.loads((repo / "metrics/train.json").read_text())
             assert f"final α {train_metrics['fusion_weight']:.4g}" in summary
+            assert "**Model version**: `fluxfill-diptych` version 1 (`models:/fluxfill-diptych/1`;" in summary
             assert "mlflow ui --backend-store-uri" in arts["mlflow-run"].data
             assert ref["run_id"] in arts["mlflow-run"].data
             rows = arts["train-diptych-metrics"].data
@@ -392,3 +396,38 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
     finally:
         _stop(serve)
         _stop(server)
+
+
+# ------------------------------------------------------------------------------------------- edit-batch
+def test_edit_batch_flow_edits_a_folder_and_is_served(tmp_path, monkeypatch, harness, model_dir):
+    import numpy as np
+    from PIL import Image
+
+    from flows.edit import edit_batch
+    from flows.serve import deployments
+
+    assert sorted(d.flow_name for d in deployments()) == [
+        "edit-batch", "encode-latents", "evaluate", "prepare-data", "train", "train-diptych"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("eval: {num_inference_steps: 1}\n")  # the repository root
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"a.png": (451, 300), "b.jpg": (30, 50)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / name)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), reference="ref.png", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["written"] == [str(tmp_path / "edited" / "a.png"), str(tmp_path / "edited" / "b.png")]
+    assert result["model"] == str(model_dir) and abs(result["alpha"] - 0.3) < 1e-6
+    assert [Image.open(p).size for p in result["written"]] == [(451, 300), (30, 50)]
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "2 image(s) from `photos` into `edited`" in arts["edit-batch-summary"].data
+    assert "fusion weight α: 0.3000" in arts["edit-batch-summary"].data
+    rows = arts["edit-batch-outputs"].data
+    assert (json.loads(rows) if isinstance(rows, str) else rows) == [{"output": p} for p in result["written"]]
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), return_state=True)  # outputs exist
+    assert state.is_failed()
+    assert "edit found 2 problem(s) (nothing written)" in state.message and "edited/a.png exists" in state.message

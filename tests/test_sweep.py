@@ -16,10 +16,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_flows import _artifacts, _copy_repo, harness  # noqa: F401  (harness: the session's Prefect server)
+from conftest import _copy_repo
+from test_flows import _artifacts, harness  # noqa: F401  (harness: the session's Prefect server)
 
 from flows import workspace
-from fluxfill import cli
+from fluxfill import cli, tracking
 from fluxfill.config import ConfigError
 from fluxfill.sweep import parse_grid
 
@@ -79,7 +80,7 @@ def test_sweep_makes_one_parent_and_a_child_per_point_restored_included(swept):
         assert len(client.get_metric_history(k.info.run_id, "val_loss")) == 3  # steps 0, 1, 2
     none, fixed, learned = kids
     # learned is what `dvc repro` trained: DVC restored it, the child carries the producing run's metrics
-    producer = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    producer = tracking.read_run_ref(repo / "models", repo)["run_id"]
     assert learned.data.tags["fluxfill.restored_from"] == producer
     assert "fluxfill.restored_from" not in none.data.tags and "fluxfill.restored_from" not in fixed.data.tags
     for metric in ("val_loss", "fusion_weight", "fusion_cos", "loss", "psnr"):

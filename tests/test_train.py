@@ -16,12 +16,12 @@ import mlflow
 import pytest
 import torch
 import yaml
+from helpers import make_prepared
 from safetensors.torch import load_file
 
-from bench.common import make_prepared
 from fluxfill import tracking
 from fluxfill.config import FluxfillError, validate
-from fluxfill.data import data_version
+from fluxfill.data import dvc_md5
 from fluxfill.encode import encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.train import NonFiniteLoss, train
@@ -85,7 +85,7 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     assert losses[-1] == pytest.approx(result.loss, rel=1e-5)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # loss decreases over a short run
     ref = tracking.read_run_ref("models")
-    assert ref["run_id"] == result.run_id and not list(Path("models").rglob("*.json"))
+    assert ref["run_id"] == result.run_id and [p.name for p in Path("models").rglob("*.json")] == ["fluxfill_model.json"]
     mlflow.set_tracking_uri(ref["tracking_uri"])
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
@@ -102,7 +102,7 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == list(range(1, 25))
     history = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "val_loss"))
     assert [s for s, _ in history] == [0, 10, 20, 24] and history[-1][1] == pytest.approx(vals[24], rel=1e-5)
-    assert run.data.tags["fluxfill.models_md5"] == data_version("models")  # what DVC records for the output
+    assert run.data.tags["fluxfill.models_md5"] == dvc_md5(Path("models"))  # what DVC records for the output
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
 
@@ -211,7 +211,7 @@ def test_cache_for_other_panel_size_is_refused(latents, workdir):
         train(validate(raw))
 
 
-def test_ctrl_c_writes_a_checkpoint_and_a_second_training_is_refused(latents, workdir, capsys):
+def test_ctrl_c_writes_a_checkpoint_and_a_second_training_is_refused(latents, workdir):
     raw = raw_params(latents, max_steps=400, checkpoint_every=50)
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     log = open("train.log", "w")  # a file, not a pipe: the progress bar would fill a pipe and stall the run
@@ -222,14 +222,13 @@ def test_ctrl_c_writes_a_checkpoint_and_a_second_training_is_refused(latents, wo
         while not list(Path("checkpoints").glob("*/checkpoint-000050")):
             assert proc.poll() is None and time.monotonic() < deadline, Path("train.log").read_text()[-2000:]
             time.sleep(0.02)
-        # a second `fluxfill train` in the same workspace is refused at once, naming the running one
-        from fluxfill.cli import main
-
+        # a second `fluxfill train` in the same workspace is refused at once (before its heavy imports)
         started = time.monotonic()
-        assert main(["train"]) == 1
-        assert time.monotonic() - started < 10
-        refused = capsys.readouterr().err
-        assert f"fluxfill train: error: another training is running in this workspace: pid {proc.pid} (`" in refused
+        second = subprocess.run([sys.executable, "-m", "fluxfill.cli", "train"], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 1 and time.monotonic() - started < 10, second.stderr
+        assert second.stderr.startswith("fluxfill train: error: another training is running in this workspace: "
+                                        f"pid {proc.pid} (`"), second.stderr
         assert proc.poll() is None  # the first one goes on
         time.sleep(1.0)  # a few more steps
         os.killpg(proc.pid, signal.SIGINT)
@@ -312,6 +311,32 @@ def test_config_fingerprint_covers_what_the_weights_depend_on():
 def own_experiment(raw: dict, name: str) -> dict:
     """The test's own MLflow experiment (the module's database is shared) and one-step sample grids."""
     return {**raw, "tracking": {**raw["tracking"], "experiment": name}, "eval": {"num_inference_steps": 1}}
+
+
+def test_the_step_code_is_every_package_file_training_imports(tmp_path):
+    from fluxfill import sources
+
+    names = {p.relative_to(sources.PACKAGE_DIR).as_posix() for p in sources.imported_files("train")}
+    assert {"train.py", "objective.py", "fusion.py", "models.py", "latents.py", "encode.py", "config.py",
+            "__init__.py", "configs/flux-fill-dev-transformer.json"} <= names
+    assert "sampling.py" in names and "evaluate.py" not in names  # the sample grids come from sampling, not the stage
+    assert not {"cli.py", "compare.py", "summary.py"} & names  # not imported by training
+    # found from the imports: a new module imported by one of them joins
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text("from .objective import step\n\ndef f():\n    import fluxfill.extra\n")
+    (pkg / "objective.py").write_text("from . import config\n")
+    (pkg / "config.py").write_text("")
+    (pkg / "extra.py").write_text("")
+    (pkg / "unused.py").write_text("")
+    assert [p.name for p in sources.imported_files("train", pkg)] == [
+        "__init__.py", "config.py", "extra.py", "objective.py", "train.py"]
+    before = sources.module_digest("train", pkg)
+    (pkg / "unused.py").write_text("# edited\n")
+    assert sources.module_digest("train", pkg) == before
+    (pkg / "extra.py").write_text("# edited\n")
+    assert sources.module_digest("train", pkg) != before
 
 
 def test_shorter_run_after_longer_run_is_a_new_run_of_exactly_its_steps(latents, workdir):
