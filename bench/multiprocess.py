@@ -28,8 +28,9 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from bench.common import make_prepared, params, write_result
+from bench.common import params, write_result
 from fluxfill.encode import encode
+from tests.helpers import make_prepared
 
 SAMPLES, PANEL, WARMUP, STEPS, ROUNDS = 16, 256, 2, 6, 2
 CASES = {"1x4": (1, 4), "2x2": (2, 2), "1x2": (1, 2)}  # name: (processes, batch per process)
