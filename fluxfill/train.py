@@ -282,16 +282,9 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
     import mlflow
     from accelerate.utils import set_seed
 
-    from accelerate import Accelerator
-
     cache = LatentCache(params.encode.output, "train", expect={
         k: v for k, v in settings(params).items() if k in ("preset", "pretrained", "panel_size", "max_sequence_length")})
-    mixed = params.train.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() else "no"
-    # the schedule counts optimizer steps, however many processes share them (so a resume may change that number)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.train.gradient_accumulation_steps,
-                              step_scheduler_with_optimizer=False, cpu=distributed.use_cpu())
+    accelerator, mixed = _accelerator(params)
     params = distributed.with_world_size(params, accelerator.num_processes)
     t = params.train
     device, main = accelerator.device, accelerator.is_main_process
@@ -353,10 +346,28 @@ def train(params: Params, stop_after: int | None = None, fresh: bool = False) ->
         accelerator.wait_for_everyone()
         _write_outputs(params, accelerator, transformer, fusion, run, history, result)  # every rank: FSDP gathers
         if main:
-            record = {"outputs": _digests(_output_files(params)), "result": asdict(result)}
-            _finished_record(ckpt_root, t.max_steps).parent.mkdir(parents=True, exist_ok=True)
-            _finished_record(ckpt_root, t.max_steps).write_text(json.dumps(record, indent=2) + "\n")
+            _record_finished(params, ckpt_root, result)
     return result
+
+
+def _accelerator(params: Params):
+    """The Accelerator of this run and its mixed precision (``auto``: bf16 on CUDA, none on the CPU)."""
+    from accelerate import Accelerator
+
+    mixed = params.train.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    # the schedule counts optimizer steps, however many processes share them (so a resume may change that number)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.train.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False, cpu=distributed.use_cpu())
+    return accelerator, mixed
+
+
+def _record_finished(params: Params, ckpt_root: Path, result: TrainResult) -> None:
+    """``finished-<max_steps>.json``: the digests of the outputs, so an unchanged rerun is a no-op."""
+    record = {"outputs": _digests(_output_files(params)), "result": asdict(result)}
+    _finished_record(ckpt_root, params.train.max_steps).parent.mkdir(parents=True, exist_ok=True)
+    _finished_record(ckpt_root, params.train.max_steps).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _build(params: Params, accelerator, cache: LatentCache, mixed: str):
@@ -506,40 +517,44 @@ def _validate(params: Params, accelerator, transformer, fusion, val_cache, step:
         mlflow.log_metric("val_loss", value, step=step, synchronous=False)
 
 
+def _save_checkpoint(accelerator, ckpt_root: Path, state: dict, keep: int) -> None:
+    """``accelerator.save_state`` into ``checkpoint-<step>`` atomically, with ``state``; every rank takes part."""
+    step, main = state["step"], accelerator.is_main_process
+    tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank: its RNG state (and FSDP shards); the main process the rest
+    accelerator.wait_for_everyone()
+    if not main:
+        return
+    (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+    final = ckpt_root / f"checkpoint-{step:06d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    # keep the newest ones up to this step; later ones belong to a longer run of the same trajectory
+    for old in [c for c in _checkpoints(ckpt_root) if _step(c) <= step][:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader, ckpt_root, start, run_id,
           history, stop_after, split: dict, val_cache=None) -> TrainResult:
     """Train from step ``start``; every optimizer step appends one row to ``history`` (step, loss, lr, ...).
 
-    The step's loss, gradient norm and α stay on the device until a log step (``train.log_every``), a checkpoint
-    or the end, where one host sync brings every pending step back: ``history`` (hence ``plots/train.csv``)
-    does not depend on ``log_every`` or ``checkpoint_every``.
-    """
+    Each step's values stay on the device until a log, checkpoint or validation step brings them all back in
+    one host sync, so ``history`` (hence ``plots/train.csv``) does not depend on ``log_every``."""
     t = params.train
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
     def checkpoint(step: int) -> None:
-        tmp = ckpt_root / f".tmp-checkpoint-{step:06d}"
-        if main:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every rank: its RNG state (and FSDP shards); the main process the rest
-        accelerator.wait_for_everyone()
-        if not main:
-            return
         state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history, **split}
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
-        final = ckpt_root / f"checkpoint-{step:06d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        # keep the newest ones up to this step; later ones belong to a longer run of the same trajectory
-        for old in [c for c in _checkpoints(ckpt_root) if _step(c) <= step][:-t.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        _save_checkpoint(accelerator, ckpt_root, state, t.keep_checkpoints)
 
     fusion_module = accelerator.unwrap_model(fusion)
     sampler = loader.batch_sampler
     step, window_t, window_samples = start, time.perf_counter(), 0
-    samples_per_s, losses, pending = 0.0, [], []
+    samples_per_s, losses, pending, grad_norm = 0.0, [], [], None
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main)
@@ -559,19 +574,11 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 break
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             distributed.fail_point(accelerator.process_index, step + 1)
-            with accelerator.accumulate(transformer, fusion):
-                gens = sample_generators(t.seed, *sampler.positions(micro), device)
-                out = flow_matching_step(transformer, fusion, batch, t.loss_region, generator=gens)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not optimizer.step_was_skipped:
-                    scheduler.step()  # once per optimizer step (the scheduler is not tied to the optimizer)
-                optimizer.zero_grad(set_to_none=True)
+            gens = sample_generators(t.seed, *sampler.positions(micro), device)
+            loss, norm = _micro_step(params, accelerator, transformer, fusion, optimizer, scheduler, batch, gens)
+            grad_norm = grad_norm if norm is None else norm
             micro += 1
-            losses.append(out.loss.detach())
+            losses.append(loss)
             window_samples += batch["x_0"].shape[0] * world
             if not accelerator.sync_gradients:
                 continue
@@ -590,10 +597,7 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
                 samples_per_s = window_samples / max(now - window_t, 1e-9)
                 window_t, window_samples = now, 0
                 if main:
-                    _log_rows(rows, samples_per_s)
-                    last = rows[-1]
-                    alpha = last.get("fusion_weight", math.nan)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
+                    _report(rows, samples_per_s, bar)
             if val_step:
                 validate(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
@@ -601,12 +605,11 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
                 _log_samples(params, accelerator, transformer, fusion, step)
     except KeyboardInterrupt:
-        if world > 1:  # the ranks stop at different points: collectives for a checkpoint could wait forever
-            log.warning("interrupted at step %d: %d processes resume from the last periodic checkpoint", step, world)
-            raise
-        log.warning("interrupted at step %d: writing a checkpoint", step)
-        history.extend(_flush(pending, accelerator, ckpt_root) if pending else [])
-        checkpoint(step)
+        log.warning("interrupted at step %d: %s", step, "writing a checkpoint" if world == 1 else
+                    f"{world} processes resume from the last periodic checkpoint")
+        if world == 1:  # several ranks stop at different points: collectives for a checkpoint could wait forever
+            history.extend(_flush(pending, accelerator, ckpt_root) if pending else [])
+            checkpoint(step)
         raise
     finally:
         bar.close()
@@ -614,6 +617,33 @@ def _loop(params, accelerator, transformer, fusion, optimizer, scheduler, loader
         checkpoint(step)
     last_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
+
+
+def _micro_step(params: Params, accelerator, transformer, fusion, optimizer, scheduler, batch, gens):
+    """One micro-batch: forward, backward, and at the end of an accumulation the clipped optimizer step.
+
+    Returns the detached loss and the gradient norm (None before the accumulation ends).
+    """
+    t, grad_norm = params.train, None
+    with accelerator.accumulate(transformer, fusion):
+        out = flow_matching_step(transformer, fusion, batch, t.loss_region, generator=gens)
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients and not optimizer.step_was_skipped:
+            scheduler.step()  # once per optimizer step (the scheduler is not tied to the optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return out.loss.detach(), grad_norm
+
+
+def _report(rows: list[dict], samples_per_s: float, bar) -> None:
+    """The log window's rows to MLflow and the progress bar."""
+    _log_rows(rows, samples_per_s)
+    last = rows[-1]
+    alpha = last.get("fusion_weight", math.nan)
+    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
 
 
 def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, stats: dict, lr: float, device) -> tuple:

@@ -107,7 +107,7 @@ def test_each_stage_depends_on_exactly_the_files_it_runs():
         data = {str(flatten(params)[key]) for key in DATA_DEPS[stage]}
         assert set(resolved[stage]["deps"]) == stage_sources(stage) | data, stage
     # the closure follows imports inside functions: train draws its sample grids with fluxfill.evaluate
-    assert "fluxfill/evaluate.py" in stage_sources("train") and "fluxfill/configs" in stage_sources("encode")
+    assert "fluxfill/sampling.py" in stage_sources("train") and "fluxfill/configs" in stage_sources("encode")
     assert {"fluxfill/models.py", "fluxfill/latents.py"} <= stage_sources("train")
     assert {"fluxfill/fusion.py", "fluxfill/models.py", "fluxfill/panels.py"} <= stage_sources("evaluate")
 

@@ -407,7 +407,7 @@ def test_edit_batch_flow_edits_a_folder_and_is_served(tmp_path, monkeypatch, har
     from flows.serve import deployments
 
     assert sorted(d.flow_name for d in deployments()) == [
-        "edit-batch", "encode-latents", "evaluate", "prepare-data", "train", "train-diptych"]
+        "edit-batch", "encode-latents", "evaluate", "prepare-data", "sweep-diptych", "train", "train-diptych"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("eval: {num_inference_steps: 1}\n")  # the repository root
     (tmp_path / "photos").mkdir()

@@ -26,7 +26,7 @@ def test_reference_is_rescaled_to_the_pooled_norm_per_sample():
     stats = f.stats(p, e)
     assert stats["fusion_weight"] == 1.0
     assert stats["fusion_cos"] == pytest.approx(float(torch.nn.functional.cosine_similarity(p, r.detach()).mean()), abs=1e-6)
-    assert stats["fusion_ref_norm"] == pytest.approx(float((r.norm(dim=1) / p.norm(dim=1)).mean()), rel=1e-5)
+    assert stats["fusion_ref_norm"] == pytest.approx(float((r.detach().norm(dim=1) / p.norm(dim=1)).mean()), rel=1e-5)
     assert SemanticFusion("none", 8, 6).stats(p, e) == {}
 
 

@@ -104,7 +104,7 @@ def test_finished_training_registers_a_tagged_version(repo):
                                              "prefect.flow_run_id", "fusion.mode", "preset", "fluxfill.version")} == {
         "git.commit": repo["commit"], "git.dirty": "false", "dvc.data.prepared": "aaa111.dir", "dvc.data.latents": "bbb222.dir",
         "prefect.flow_run_id": "flow-run-1234", "fusion.mode": "learned", "preset": "tiny", "fluxfill.version": "0.1.0"}
-    assert version.description == f"tiny LoRA + fusion (pooled) of run {repo['run_id']}"
+    assert version.description == f"tiny LoRA + fusion (learned) of run {repo['run_id']}"
     # the version carries everything to rebuild the pipeline, the run's eval settings included
     folder, description = registry.download_model(f"models:/{NAME}/1", repo["params"].tracking, repo["root"] / "dl")
     assert description == f"models:/{NAME}/1 (version 1, run {repo['run_id']})"
