@@ -181,6 +181,9 @@ def test_failing_rank_stops_all_and_resume_is_exact_or_keeps_the_global_batch(la
                                             r"= 2 would start another run. To continue it with 1 process set "
                                             r"train.batch_size=4; to train at global batch 2 instead, start over"):
         train(validate(raw_params(latents, work / "mlflow.db")))
+    # ... or, as it says, --fresh starts over at the new global batch, leaving that checkpoint where it is
+    assert train(validate(raw_params(latents, work / "mlflow.db")), stop_after=1, fresh=True).steps == 1
+    assert len(list(work.glob("checkpoints/*/checkpoint-000002"))) == 1
 
     # another world size keeping the global batch: continues (a copy, so that both resumes start from step 2)
     other = tmp_path / "one-process"
