@@ -333,14 +333,43 @@ def start_run(
             raise
 
 
-def log_history(rows: list[dict[str, Any]]) -> None:
-    """Log per-step rows ``{"step": 3, "loss": ..., ...}`` (a checkpoint's history) to the active run at once."""
-    from mlflow.entities import Metric
+class MetricBuffer:
+    """Per-step rows ``{"step": 3, "loss": ..., ...}`` for the active run, sent to MLflow in batches.
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
-               if k != "step" and v is not None]
-    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+    Each logging call costs milliseconds of CPU (entities, queue, a database transaction) even when
+    asynchronous; a loop that logs every step would pay it every step. :meth:`add` only records the values
+    (with their step and time); they go out in one ``log_batch`` every ``every_s`` seconds (in MLflow's
+    background thread) and at :meth:`flush` (synchronous: at checkpoints and at the end of a run).
+    """
+
+    MAX_PER_CALL = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s, self._pending, self._sent = every_s, [], time.monotonic()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
+                          if k != "step" and v is not None]
+        if time.monotonic() - self._sent >= self.every_s:
+            self.flush(synchronous=False)
+
+    def flush(self, synchronous: bool = True) -> None:
+        pending, self._pending, self._sent = self._pending, [], time.monotonic()
+        if not pending:
+            return
+        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+        for start in range(0, len(pending), self.MAX_PER_CALL):
+            client.log_batch(run_id, metrics=pending[start:start + self.MAX_PER_CALL], synchronous=synchronous)
+
+
+def log_history(rows: list[dict[str, Any]]) -> None:
+    """Log per-step rows (a checkpoint's history) to the active run at once."""
+    buffer = MetricBuffer()
+    buffer.add(rows)
+    buffer.flush()
 
 
 def end_run_unfinished() -> None:

@@ -493,8 +493,10 @@ def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, hist
     one host sync, so ``history`` (hence ``plots/train.csv``) does not depend on ``log_every``."""
     t, accelerator, transformer, fusion = params.train, trainer.accelerator, trainer.transformer, trainer.fusion
     device, main, world = accelerator.device, accelerator.is_main_process, accelerator.num_processes
+    metrics = tracking.MetricBuffer()  # the main process's per-step rows, to MLflow in batches
 
     def checkpoint(step: int) -> None:
+        metrics.flush()  # the run's curves reach the checkpoint's step
         state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history, **split}
         _save_checkpoint(accelerator, ckpt_root, state, t.keep_checkpoints)
 
@@ -537,14 +539,12 @@ def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, hist
             val_step = t.val_every and (step % t.val_every == 0 or step == t.max_steps)
             if (step % t.log_every == 0 or step == end or val_step
                     or (t.checkpoint_every and step % t.checkpoint_every == 0)):
-                rows = _flush(pending, accelerator, ckpt_root)  # the one host sync
+                history.extend(rows := _flush(pending, accelerator, ckpt_root))  # the one host sync
                 pending.clear()
-                history.extend(rows)
                 now = time.perf_counter()
-                samples_per_s = window_samples / max(now - window_t, 1e-9)
-                window_t, window_samples = now, 0
+                samples_per_s, window_t, window_samples = window_samples / max(now - window_t, 1e-9), now, 0
                 if main:
-                    _report(rows, samples_per_s, bar)
+                    _report(rows, samples_per_s, bar, metrics)
             if val_step:
                 validate(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
@@ -560,18 +560,20 @@ def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, hist
         raise
     finally:
         bar.close()
+        metrics.flush()
     if step < t.max_steps:
         checkpoint(step)
     last_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(step, last_loss, _alpha(fusion_module), samples_per_s, run_id, start)
 
 
-def _report(rows: list[dict], samples_per_s: float, bar) -> None:
-    """The log window's rows to MLflow and the progress bar."""
-    _log_rows(rows, samples_per_s)
+def _report(rows: list[dict], samples_per_s: float, bar, metrics: tracking.MetricBuffer) -> None:
+    """The log window's rows (every step's loss, lr, grad_norm, α) and its throughput to MLflow and the bar."""
     last = rows[-1]
+    metrics.add([*rows[:-1], {**last, "samples_per_s": samples_per_s}])
     alpha = last.get("fusion_weight", math.nan)
-    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}")
+    # drawn with the next step's update: one write to the terminal per step
+    bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}", refresh=False)
 
 
 def _pending_row(step: int, losses: list[torch.Tensor], grad_norm, stats: dict, lr: float, device) -> tuple:
@@ -593,17 +595,6 @@ def _flush(pending: list[tuple], accelerator, ckpt_root: Path) -> list[dict]:
                                 f"in {ckpt_root} (try a lower train.learning_rate or train.max_grad_norm)")
         rows.append({"step": step, "lr": lr, **dict(zip(names, v, strict=True))})
     return rows
-
-
-def _log_rows(rows: list[dict], samples_per_s: float) -> None:
-    """Every step's loss, lr, grad_norm and α to MLflow (one batch), and the window's throughput."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, r["step"]) for r in rows for k, v in r.items() if k != "step"]
-    metrics.append(Metric("samples_per_s", samples_per_s, now, rows[-1]["step"]))
-    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics, synchronous=False)
 
 
 def _full_fusion(fusion: SemanticFusion) -> SemanticFusion:

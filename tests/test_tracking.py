@@ -400,3 +400,30 @@ def test_summary_points_at_the_run_in_the_model_training_view(store, tmp_path, m
     lines = summary_lines(params)
     page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert f"open it      mlflow ui --backend-store-uri {store} --host 127.0.0.1   # then {page}" in lines
+
+
+def test_metric_buffer_sends_rows_in_batches(store, monkeypatch):
+    """Rows wait in the buffer until ``every_s`` has passed or a flush; every step's value then reaches MLflow."""
+    client, calls = mlflow.MlflowClient, []
+    real = client.log_batch
+
+    def spy(self, run_id, metrics=(), **kw):
+        calls.append((len(metrics), kw.get("synchronous")))
+        return real(self, run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(client, "log_batch", spy)
+    with tracking.start_run(make_params(store)) as run:
+        calls.clear()  # start_run's own params and tags
+        buffer = tracking.MetricBuffer(every_s=3600)
+        for step in range(1, 6):
+            buffer.add([{"step": step, "loss": 1.0 / step, "fusion_weight": None}])  # None: not logged
+        assert calls == []  # nothing sent yet
+        buffer.flush()
+        assert calls == [(5, True)]
+        buffer.flush()  # nothing pending: no call
+        assert calls == [(5, True)]
+        soon = tracking.MetricBuffer(every_s=0)
+        soon.add([{"step": 6, "loss": 0.1}])  # due at once: sent in the background
+        assert calls[-1] == (1, False)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 6)] + [(6, 0.1)]
