@@ -226,7 +226,9 @@ def already_trained(params: Params, ckpt_root: Path) -> TrainResult | None:
     try:
         record = json.loads(record_file.read_text())
         outputs, result = record["outputs"], record["result"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable record of a finished run (%s: %s); training again", record_file,
+                    type(e).__name__, e)
         return None
     if _digests(_output_files(params)) != outputs:
         return None
@@ -383,7 +385,8 @@ def _refuse_another_split(params: Params, cache_meta: dict, device_type: str) ->
     for path in sorted(Path(t.checkpoint_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STATE}")):
         try:
             state = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable checkpoint state (%s), not compared with this run", path, e)
             continue
         if not isinstance(state, dict) or state.get("family") != family or state.get("world_size") == t.num_processes:
             continue

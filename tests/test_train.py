@@ -467,3 +467,14 @@ def test_val_loss_is_the_same_at_any_batch_size(latents):
             by_hand.append(((out.model_output - out.target) ** 2).mean().item())
     assert val_sigmas(4).tolist() == [0.125, 0.375, 0.625, 0.875]
     assert one == pytest.approx(sum(by_hand) / 4, rel=1e-6)
+
+
+def test_damaged_finished_record_is_reported_and_trains_again(tmp_path, caplog):
+    from fluxfill.train import already_trained
+
+    record = tmp_path / "finished-000004.json"
+    record.write_text('{"outputs": ')  # cut short
+    with caplog.at_level("WARNING", logger="fluxfill.train"):
+        assert already_trained(validate({"train": {"max_steps": 4}}), tmp_path) is None
+    assert f"{record}: unreadable record of a finished run (JSONDecodeError:" in caplog.text
+    assert caplog.text.rstrip().endswith("training again")
