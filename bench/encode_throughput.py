@@ -40,7 +40,7 @@ def model_calls_alone(p, prepared: Path) -> float:
     """Seconds inside the three families' encode calls on pre-decoded inputs (loading and decoding not timed)."""
     rows = batches(p, prepared)
     m = p.model
-    panels = [encode_module._load_panels(prepared, b) for b in rows]
+    panels = [encode_module.load_triptychs(prepared, b) for b in rows]
     inputs = [([q.diptych for q in ps], [q.mask for q in ps], [q.reference for q in ps]) for ps in panels]
     text = text_pipeline(*[load_component(m, n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")])
     start = time.perf_counter()

@@ -24,6 +24,7 @@ data-loader share is the time spent reading and collating batches divided by our
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -68,7 +69,7 @@ class Bare:
         return time.thread_time() - c, time.perf_counter() - w
 
 
-def one_round(p, bare: Bare) -> dict:
+def one_round(p, bare: Bare, root: Path) -> dict:
     """One run of fluxfill.train.train with a bare step before each of its steps; per-step medians."""
     marks, fetch = [], []  # (process CPU, wall, bare CPU, bare wall) at each train_step call
     real_step, real_getitem = step_module.train_step, LatentCache.__getitem__
@@ -87,7 +88,8 @@ def one_round(p, bare: Bare) -> dict:
 
     step_module.train_step, LatentCache.__getitem__ = paired, timed_getitem
     try:
-        train_module.train(p)
+        with contextlib.chdir(root):  # train's metrics/, plots/ and .fluxfill/ land in the bench's folder
+            train_module.train(p)
     finally:
         step_module.train_step, LatentCache.__getitem__ = real_step, real_getitem
     steps = list(zip(marks, marks[1:], strict=False))[WARMUP:]  # iteration k: from mark k to mark k+1
@@ -123,7 +125,7 @@ def main() -> dict:
         rounds: dict[str, list[float]] = {}
         for r in range(ROUNDS):
             shutil.rmtree(root / "checkpoints", ignore_errors=True)
-            got = one_round(p, bare)
+            got = one_round(p, bare, root)
             for k, v in got.items():
                 rounds.setdefault(k, []).append(v)
             print(f"round {r}: CPU s/step bare {got['bare_cpu_s']:.4f} ours {got['ours_cpu_s']:.4f} "
