@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("fluxfill.evaluate", "generate validation panels, score them against targets and baselines"),
     "compare": ("fluxfill.compare", "compare MLflow runs side by side in the terminal"),
     "summary": ("fluxfill.summary", "print where to look after a run: MLflow run, metrics, sample grids"),
+    "pretrain-tiny": ("fluxfill.pretrain", "train the tiny preset's shipped weights on the CPU (make tiny-weights)"),
 }
 
 

@@ -37,7 +37,7 @@ class DataConfig(Section):
     source: Literal["demo", "folder", "manifest"] = "demo"
     path: str = Field("data/raw", description="folder root (source: folder) or CSV file (source: manifest)")
     output: str = "data/prepared"
-    panel_size: int = Field(512, ge=16, le=4096)
+    panel_size: int = Field(128, ge=16, le=4096)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     allow_upscale: bool = False
@@ -64,7 +64,7 @@ class ModelConfig(Section):
     image_encoder: str = Field("openai/clip-vit-large-patch14", description="CLIP vision: hub id or folder")
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    max_sequence_length: int = Field(512, ge=1, le=512)
+    max_sequence_length: int = Field(128, ge=1, le=512)
 
 
 class EncodeConfig(Section):
