@@ -91,10 +91,10 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     output: str = "models"
     checkpoint_dir: str = "checkpoints"
-    max_steps: int = Field(40, ge=1)
+    max_steps: int = Field(600, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     fusion_learning_rate: float | None = Field(0.01, gt=0, description="None: same as learning_rate")
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)

@@ -39,7 +39,7 @@ TINY = {
                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14)),
     "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=0, norm_num_groups=8, mid_block_add_attention=False,
+                layers_per_block=0, norm_num_groups=1, mid_block_add_attention=False,
                 scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False),
     "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),

@@ -6,8 +6,9 @@ validation photos (the ``val`` split of the default ``data`` settings), which st
 
   1. CLIP: one ``CLIPModel`` (text + vision towers, shared projection space), a short contrastive pass on photo
      crops and captions of their look (brightness, colour, warmth, contrast).
-  2. The VAE: an autoencoder at 16 latent channels, 8x down, on jittered photo crops; then ``shift_factor`` and
-     ``scaling_factor`` are set as FLUX's are: latents ``(z - shift) * scale`` have mean 0 and std 1.
+  2. The VAE: an autoencoder at 16 latent channels, 8x down, on jittered photo crops (its posterior is a point:
+     the pipeline's sampling gets the mode); then ``shift_factor`` and ``scaling_factor`` are set as FLUX's are:
+     latents ``(z - shift) * scale`` have mean 0 and std 1.
   3. The Fill transformer: rectified flow matching (``fluxfill.objective``) on diptychs and masks encoded with
      ``fluxfill.latents``: ``[A | edit(A)]`` with the right half masked and the edit named in the prompt
      (colour, contrast, brightness, blur, sharpening, black and white), photos with rectangles masked, and photos
@@ -73,7 +74,6 @@ class Recipe:
     vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 3e-3
-    vae_kl: float = 1e-6
     panel_sizes: tuple[int, ...] = (128,)  # the transformer's steps cycle through these panel sizes
     examples: int = 1536                    # encoded examples per panel size
     steps: int = 2000
@@ -195,7 +195,7 @@ def train_clip(clip, processor, tokenizer, pool: dict[str, np.ndarray], r: Recip
 
 # ---------------------------------------------------------------------------------------------------- VAE
 def train_vae(vae, pool: dict[str, np.ndarray], r: Recipe) -> list[float]:
-    """Autoencoder on jittered crops: MSE of ``decode(mode(encode(x)))`` + a small KL term, cosine schedule."""
+    """Autoencoder on jittered crops: MSE of ``decode(mode(encode(x)))``, cosine schedule."""
     from diffusers.models.resnet import ResnetBlock2D
 
     for block in vae.modules():  # residual branches start at zero: the shallow path learns first, much faster
@@ -213,9 +213,8 @@ def train_vae(vae, pool: dict[str, np.ndarray], r: Recipe) -> list[float]:
         crops = [jitter(rng, random_crop(rng, photos[rng.integers(len(photos))], r.vae_crop, r.vae_crop))
                  for _ in range(r.vae_batch)]
         x = _batch_tensor(crops)  # [B, 3, S, S]
-        posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.mode()).sample  # [B, 3, S, S]
-        loss = torch.nn.functional.mse_loss(y, x) + r.vae_kl * posterior.kl().mean()
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample  # [B, 3, S, S]
+        loss = torch.nn.functional.mse_loss(y, x)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -225,6 +224,15 @@ def train_vae(vae, pool: dict[str, np.ndarray], r: Recipe) -> list[float]:
         _progress("vae", losses, r.vae_steps)
     vae.eval()
     return losses
+
+
+@torch.no_grad()
+def point_posterior(vae) -> None:
+    """The autoencoder is trained on the posterior's mode; its log-variance output (which only the KL term saw) is
+    set to the floor (-30), so that ``FluxFillPipeline``, which samples the posterior, gets the mode too."""
+    latent = vae.config.latent_channels
+    vae.encoder.conv_out.weight[latent:] = 0.0  # [2 * 16, C, 3, 3]: mean channels, then log-variance channels
+    vae.encoder.conv_out.bias[latent:] = -30.0
 
 
 @torch.no_grad()
@@ -461,6 +469,7 @@ def train_components(r: Recipe) -> tuple[dict, dict]:
     vae = build_tiny("vae", seed=r.seed).requires_grad_(True)
     info["vae_loss"] = _summary(train_vae(vae, pool, r))
     vae.requires_grad_(False)
+    point_posterior(vae)
     info["shift_factor"], info["scaling_factor"] = set_latent_scale(vae, pool, r)
     t2 = _cpu_s()
     t5 = build_tiny("text_encoder_2", seed=r.seed)
