@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import dvc_repro, encode_throughput, gpu_train_step, train_overhead
+from bench import dvc_repro, encode_throughput, gpu_train_step, multiprocess, train_overhead
 
 
 def main() -> int:
-    for module in (encode_throughput, train_overhead, dvc_repro):
+    for module in (encode_throughput, train_overhead, multiprocess, dvc_repro):
         print(f"== {module.__name__}")
         module.main()
     print("== bench.gpu_train_step")

@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_lora(transformer, LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha))
     transformer.train()  # as trainers do (FLUX has no dropout: no numerical effect)
-    fusion = SemanticFusion("pooled", tcfg.pooled_projection_dim, embed_dim).to(device)
+    fusion = SemanticFusion("learned", tcfg.pooled_projection_dim, embed_dim).to(device)
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     params = lora_params + list(fusion.parameters())
     peak_tflops = args.peak_tflops or peak_tflops_for(machine["device_name"] if device.type == "cuda" else None)

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 import fluxfill.train as train_module
-from bench.common import make_prepared, params, write_result
+from bench.common import params, write_result
 from fluxfill.encode import LatentCache, encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.models import add_lora, load_component
 from fluxfill.objective import flow_matching_step
+from tests.helpers import make_prepared
 
 SAMPLES, PANEL, BATCH, WARMUP, STEPS, ROUNDS = 16, 512, 4, 2, 8, 3
 

@@ -1,1 +1,1 @@
-"""Prefect flows over the DVC stages (see flows/README.md): ``python -m flows.serve`` serves them."""
+"""Prefect flows over the DVC stages (README, *Orchestration*): ``python -m flows.serve`` serves them."""

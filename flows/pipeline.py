@@ -13,7 +13,8 @@
    Prefect log); a stage restored from DVC's run cache does not execute and logs no new MLflow run;
 4. leaves ``dvc.lock`` up to date (checked with ``dvc status``), so ``dvc repro`` has nothing to do;
 5. with a ``run_name``, records the workspace as DVC experiment ``run_name`` (``dvc exp show``);
-6. publishes Prefect artifacts: a summary, a table of the metrics, the MLflow run's address.
+6. publishes Prefect artifacts: a summary (with the model version training registered), a table of the
+   metrics, the MLflow run's address.
 
 Stages are not retried: a failed training is a result to read, not a glitch. Calls to MLflow are.
 Flows work in the repository found from the current directory (``python -m flows.serve`` moves there).
@@ -29,8 +30,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from fluxfill import sweep
+from fluxfill.compare import format_runs
 from fluxfill.config import PARAMS_FILE, ConfigError, flatten, load_params, repo_root
-from fluxfill.tracking import RUN_REF_FILE, read_run_ref
+from fluxfill.tracking import read_run_ref, ui_url
 
 from . import workspace
 from .workspace import StageFailed, StageRun
@@ -82,20 +85,27 @@ def exp_save(root: Path, name: str) -> str:
 
 
 @task(name="mlflow-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
-def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Look up the MLflow run in ``ref`` (its name and status) and set ``tags`` on it. Retried."""
+def mlflow_run(ref: dict[str, str], tags: dict[str, str] | None = None,
+               registered_model: str | None = None) -> dict[str, Any]:
+    """Look up the MLflow run in ``ref`` (name, status, the model versions it registered); tag it and them. Retried."""
     from mlflow.tracking import MlflowClient
+
+    from fluxfill.registry import run_versions
 
     client = MlflowClient(tracking_uri=ref["tracking_uri"])
     run = client.get_run(ref["run_id"])
+    versions = run_versions(client, registered_model, run.info.run_id) if registered_model else []
     for key, value in (tags or {}).items():
         client.set_tag(run.info.run_id, key, value)
+        for v in versions:
+            client.set_model_version_tag(v.name, v.version, key, value)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "experiment_id": run.info.experiment_id,
         "status": run.info.status,
         "tracking_uri": ref["tracking_uri"],
+        "model_versions": [{"name": v.name, "version": str(v.version)} for v in versions],
     }
 
 
@@ -121,13 +131,13 @@ def encode_latents(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 @flow(name="train")
 def train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``train``: LoRA + fusion weight in models/, metrics/train.json, an MLflow run."""
+    """DVC stage ``train``: LoRA + fusion weight in train.output, the training metrics, an MLflow run."""
     return _stage_flow("train", overrides)
 
 
 @flow(name="evaluate")
 def evaluate(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DVC stage ``evaluate``: metrics/eval.json and sample panels in eval/."""
+    """DVC stage ``evaluate``: the evaluation metrics and sample panels in eval.output."""
     return _stage_flow("evaluate", overrides)
 
 
@@ -148,13 +158,13 @@ def mlflow_ui_url(info: dict[str, Any]) -> str | None:
     uri = info["tracking_uri"]
     if not uri.startswith(("http://", "https://")):
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    return ui_url(uri, info["experiment_id"], info["run_id"])
 
 
 def _mlflow_ui_hint(info: dict[str, Any]) -> str:
     """How to see a run kept in a local database (sqlite, files): there is no URL until ``mlflow ui`` runs."""
     return (f"`mlflow ui --backend-store-uri {info['tracking_uri']} --host 127.0.0.1`, then open "
-            f"http://127.0.0.1:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}")
+            + ui_url("http://127.0.0.1:5000", info["experiment_id"], info["run_id"]))
 
 
 def summary_markdown(
@@ -181,6 +191,10 @@ def summary_markdown(
         url = mlflow_ui_url(mlflow_info)
         lines.append(f"\n**MLflow**: run `{mlflow_info['run_name']}` (`{mlflow_info['run_id']}`, "
                      f"{mlflow_info['status']}): " + (f"[open]({url})" if url else _mlflow_ui_hint(mlflow_info)))
+        for v in mlflow_info.get("model_versions", []):
+            uri = f"models:/{v['name']}/{v['version']}"
+            lines.append(f"\n**Model version**: `{v['name']}` version {v['version']} (`{uri}`; "
+                         f"`fluxfill promote {v['version']} --alias champion`, `fluxfill edit --model {uri}`)")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
 
@@ -282,19 +296,19 @@ def train_diptych(
         notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
 
     mlflow_info = None
-    ref = read_run_ref(root / params.train.output / RUN_REF_FILE)
+    ref = read_run_ref(root / params.train.output, root)
     if ref:
         trained = any(r.stage == "train" and r.status == "ran" for r in runs)
         tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
         try:
-            mlflow_info = mlflow_run(ref, tags)
+            mlflow_info = mlflow_run(ref, tags, params.tracking.registered_model)
         except Exception as e:  # retried already; the stages' results stand, the link is what is missing
             notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
             logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)
         if not trained:
             notes.append("training did not run in this flow run: the MLflow run is the earlier one")
     else:
-        notes.append(f"no {params.train.output}/{RUN_REF_FILE}: no MLflow run to link")
+        notes.append(f"no MLflow run is known for the weights in {params.train.output}/: no MLflow run to link")
 
     if run_name and save_experiment:
         try:
@@ -317,3 +331,48 @@ def _prefect_tags(flat: dict[str, Any]) -> dict[str, str]:
     if flow_run.ui_url:
         tags["prefect.flow_run_url"] = flow_run.ui_url
     return tags
+
+
+# ---------------------------------------------------------------------------------------------- sweep-diptych
+@flow(name="sweep-point", flow_run_name="{exp_name}")
+def sweep_point(root: str, sets: list[str], parent_id: str, index: int, values: dict[str, Any], exp_name: str,
+                baseline: str) -> dict[str, Any]:
+    """One point of a sweep: ``dvc exp run --temp`` (output streamed into the log), then its MLflow child run."""
+    logger = get_run_logger()
+    point = sweep.Point(index, values, exp_name)
+    return sweep.run_point(Path(root), sets, parent_id, point, baseline, logger.info).to_dict()
+
+
+def _point_subflow(root: Path, sets: list[str], parent_id: str, point: sweep.Point, baseline: str,
+                   emit) -> sweep.PointResult:
+    return sweep.PointResult(**sweep_point(str(root), sets, parent_id, point.index, point.values, point.exp_name,
+                                           baseline))
+
+
+@flow(name="sweep-diptych")
+def sweep_diptych(grid: dict[str, list[Any]], overrides: dict[str, Any] | None = None,
+                  name: str | None = None) -> dict[str, Any]:
+    """`fluxfill sweep` as a flow: the cartesian product of ``grid`` as DVC experiments, one sub-flow per point.
+
+    grid: dotted keys to lists of values, e.g. {"fusion.mode": ["none", "fixed", "learned"]}.
+    overrides: settings for every point, e.g. {"data.demo_task": "tint"} (not written to params.yaml).
+    name: the MLflow parent run's name and the DVC experiments' prefix (default: sweep-<date>-<time>).
+    Publishes the comparison table (artifacts sweep-table and sweep-summary).
+    """
+    logger = get_run_logger()
+    root = repo_root()
+    sets = [f"{k}={sweep._inline(v)}" for k, v in workspace.normalize_overrides(overrides).items()]
+    name = name or sweep.default_name()
+    grid = {str(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in (grid or {}).items()}
+    if not grid:
+        raise ConfigError("grid is empty: give at least one key and its values, e.g. {\"fusion.mode\": [\"none\", \"learned\"]}")
+    parent_id, table, results = sweep.sweep(root, grid, sets, name, logger.info, _point_subflow)
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}  # NaN is not JSON
+            for r in table.to_dict("records")]
+    create_table_artifact(rows, key="sweep-table", description=f"sweep {name}: one row per point (MLflow {parent_id})")
+    restored = sum(r.status == "restored" for r in results)
+    create_markdown_artifact(
+        f"# sweep {name}\n\n{len(results)} point(s), {restored} restored by DVC; MLflow parent run `{parent_id}` "
+        f"(`fluxfill compare --parent {parent_id}`)\n\n" + format_runs(table, "markdown"),
+        key="sweep-summary", description="the comparison table, as in the parent run's sweep/table.md")
+    return {"parent_run_id": parent_id, "points": [r.to_dict() for r in results], "table": rows}

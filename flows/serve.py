@@ -4,10 +4,12 @@
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.serve                                  # long-running; Ctrl-C stops it
     prefect deployment run 'train-diptych/local' -p overrides='{"train.max_steps": 20}' --watch
+    prefect deployment run 'sweep-diptych/local' -p grid='{"fusion.mode": ["none", "fixed", "learned"]}' --watch
 
-Deployments: train-diptych/local, and one per stage (prepare-data/local, encode-latents/local,
-train/local, evaluate/local). Runs execute in this process's machine, in the repository root, one at a
-time (--limit 1: one GPU). For remote GPU machines use a work pool instead (prefect.yaml).
+Deployments: train-diptych/local, sweep-diptych/local (a grid as DVC experiments, one sub-flow per point),
+one per stage (prepare-data/local, encode-latents/local, train/local, evaluate/local) and edit-batch/local (a
+folder of images in, edited images out). Runs execute in this process's machine, in the repository root, one at
+a time (--limit 1: one GPU). For remote GPU machines use a work pool instead (prefect.yaml).
 """
 
 from __future__ import annotations
@@ -53,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(root)  # flow runs inherit the working directory: the repository the stages belong to
     from prefect import serve
 
-    from .pipeline import STAGE_FLOWS, train_diptych
-
-    deployments = [
-        f.to_deployment(name=args.name, tags=["fluxfill"]) for f in (train_diptych, *STAGE_FLOWS.values())
-    ]
-    serve(*deployments, limit=args.limit)
+    serve(*deployments(args.name), limit=args.limit)
     return 0
+
+
+def deployments(name: str = "local") -> list:
+    """The served deployments: train-diptych, sweep-diptych, one per stage, edit-batch."""
+    from .edit import edit_batch
+    from .pipeline import STAGE_FLOWS, sweep_diptych, train_diptych
+
+    flows = (train_diptych, sweep_diptych, *STAGE_FLOWS.values(), edit_batch)
+    return [f.to_deployment(name=name, tags=["fluxfill"]) for f in flows]
 
 
 if __name__ == "__main__":

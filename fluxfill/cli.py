@@ -7,6 +7,7 @@ validated before anything runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -14,6 +15,8 @@ import textwrap
 
 from .config import ConfigError, FluxfillError, load_params
 
+# commands that hold the workspace's training lock (fluxfill.safety) for their whole run
+LOCKED = {"train"}
 # name -> (module, help); each module exposes add_arguments(parser) and run(params, args)
 COMMANDS: dict[str, tuple[str, str]] = {
     "shapes": ("fluxfill.shapes", "print the tensor shapes of the diptych contract, computed by running it"),
@@ -21,7 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("fluxfill.encode", "encode data/prepared into the latent cache data/latents"),
     "train": ("fluxfill.train", "train LoRA + fusion weight from the latent cache into models/"),
     "evaluate": ("fluxfill.evaluate", "generate validation panels, score them against targets and baselines"),
-    "compare": ("fluxfill.compare", "compare MLflow runs side by side in the terminal"),
+    "edit": ("fluxfill.edit", "apply the trained LoRA + fusion to your own images"),
+    "export": ("fluxfill.export", "write the LoRA for other FLUX tools (diffusers, kohya, comfyui) + a fusion sidecar"),
+    "promote": ("fluxfill.registry", "point an alias (e.g. champion) at a registered model version"),
+    "compare": ("fluxfill.compare", "compare MLflow runs side by side, with their model versions (--parent: a sweep's points)"),
+    "sweep": ("fluxfill.sweep", "run a grid of settings as DVC experiments, compared under one MLflow parent run"),
     "summary": ("fluxfill.summary", "print where to look after a run: MLflow run, metrics, sample grids"),
     "pretrain-tiny": ("fluxfill.pretrain", "train the tiny preset's shipped weights on the CPU (make tiny-weights)"),
 }
@@ -53,26 +60,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if a in COMMANDS), None)
+def _held(command: str | None, argv: list[str]):
+    """The workspace's training lock for ``train``, taken before its module's heavy imports: a second training
+    is refused at once. ``--help`` needs none."""
+    if command not in LOCKED or {"-h", "--help"} & set(argv):
+        return contextlib.nullcontext()
+    from .safety import training_lock
+
+    return training_lock()
+
+
+def _run(command: str | None, argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    params = load_params(args.params, args.overrides)
+    return int(args._module.run(params, args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
     try:
-        params = load_params(args.params, args.overrides)
-        result = args._module.run(params, args)
+        with _held(command, argv):
+            return _run(command, argv)
     except ConfigError as e:
-        print(f"fluxfill {args.command}: {e}", file=sys.stderr)
+        print(f"fluxfill {command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fluxfill {args.command}: interrupted", file=sys.stderr)
+        print(f"fluxfill {command}: interrupted", file=sys.stderr)
         return 130
     except FluxfillError as e:
-        print(f"fluxfill {args.command}: error: {e}", file=sys.stderr)
+        print(f"fluxfill {command}: error: {e}", file=sys.stderr)
         return 1
-    return int(result or 0)
 
 
 if __name__ == "__main__":

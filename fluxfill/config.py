@@ -15,6 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PARAMS_FILE = "params.yaml"
+FUSION_MODES = ("none", "fixed", "learned")
+DEMO_TASKS = ("enhance", "tint")
+# data.instruction when it is null: what the demo task asks for (folder and manifest data use "enhance")
+TASK_INSTRUCTIONS = {
+    "enhance": "it is well exposed, sharp and free of noise",
+    "tint": "its colours are graded with the same look as the reference photo",
+}
 DEFAULT_PROMPT_TEMPLATE = (
     "A diptych with two side-by-side images of the same scene. "
     "On the right, the scene is exactly the same as on the left but {instruction}"
@@ -35,13 +42,15 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: Literal["demo", "folder", "manifest"] = "demo"
+    demo_task: Literal["enhance", "tint"] = Field(
+        "enhance", description="enhance: degraded -> clean photo; tint: photo -> the colour look shown by the reference")
     path: str = Field("data/raw", description="folder root (source: folder) or CSV file (source: manifest)")
     output: str = "data/prepared"
     panel_size: int = Field(128, ge=16, le=4096)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     allow_upscale: bool = False
-    instruction: str = "it is well exposed, sharp and free of noise"
+    instruction: str | None = Field(None, description="null: the instruction of data.demo_task")
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
     @field_validator("panel_size")
@@ -57,6 +66,11 @@ class DataConfig(Section):
             raise ValueError("must contain the placeholder {instruction}")
         return v
 
+    @property
+    def task_instruction(self) -> str:
+        """``instruction``, or the demo task's own when it is null."""
+        return TASK_INSTRUCTIONS[self.demo_task] if self.instruction is None else self.instruction
+
 
 class ModelConfig(Section):
     preset: Literal["tiny", "flux-fill-dev", "flux-fill-dev-random"] = "tiny"
@@ -65,6 +79,9 @@ class ModelConfig(Section):
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_sequence_length: int = Field(128, ge=1, le=512)
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="storage of the frozen transformer's linear weights (torchao); model.dtype stays the "
+        "compute dtype and the LoRA trains on top in fp32")
 
 
 class EncodeConfig(Section):
@@ -94,6 +111,8 @@ class TrainConfig(Section):
     max_steps: int = Field(600, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, description="worker processes (GPUs; CPU: gloo); global batch = "
+                               "num_processes x batch_size x gradient_accumulation_steps")
     learning_rate: float = Field(2e-3, gt=0)
     fusion_learning_rate: float | None = Field(0.01, gt=0, description="None: same as learning_rate")
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -106,6 +125,8 @@ class TrainConfig(Section):
     loss_region: Literal["all", "target"] = "all"
     seed: int = 0
     log_every: int = Field(1, ge=1)
+    val_every: int = Field(10, ge=0, description="val_loss every N steps (and at step 0 and the end); 0: never")
+    val_sigmas: int = Field(4, ge=1, description="K: val_loss averages K evenly spaced noise levels per val sample")
     sample_every: int = Field(0, ge=0, description="0: only at the end")
     checkpoint_every: int = Field(20, ge=0, description="0: never")
     keep_checkpoints: int = Field(2, ge=1)
@@ -115,8 +136,17 @@ class TrainConfig(Section):
 
 
 class FusionConfig(Section):
-    mode: Literal["none", "pooled"] = "pooled"
+    mode: Literal["none", "fixed", "learned"] = Field(
+        "learned", description="none: no reference; fixed: alpha stays at init, W trained; learned: alpha and W trained")
     init: float = Field(0.1, gt=0.0, lt=1.0, description="alpha at step 0, strictly inside (0, 1)")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _renamed(cls, v):
+        if v == "pooled":
+            raise ValueError("'pooled' was renamed 'learned' (alpha and W trained); "
+                             "the other modes are 'fixed' (alpha frozen at fusion.init) and 'none'")
+        return v
 
 
 class EvalConfig(Section):
@@ -132,6 +162,9 @@ class TrackingConfig(Section):
     experiment: str = "fluxfill"
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db")
     run_name: str | None = None
+    registered_model: str | None = Field(
+        "fluxfill-diptych", min_length=1,
+        description="MLflow Model Registry name each finished training run registers a version under; None: none")
 
 
 class Params(Section):
@@ -146,6 +179,35 @@ class Params(Section):
     def flat(self) -> dict[str, Any]:
         """``{"train.lora.rank": 16, ...}``: what MLflow logs as params."""
         return flatten(self.model_dump())
+
+
+class ModelSpec(Section):
+    """What a trained model needs besides its weights to be rebuilt for generation (``fluxfill_model.json``).
+
+    Training writes it next to the LoRA and the fusion file with the settings that produced them; a registered
+    MLflow model version also carries the evaluation settings of its run (``eval``), which ``fluxfill edit`` uses
+    as its defaults.
+    """
+
+    fluxfill_version: str
+    model: ModelConfig
+    panel_size: int = Field(ge=16, le=4096)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    instruction: str
+    lora: LoraConfig
+    fusion: FusionConfig
+    eval: EvalConfig | None = None
+
+    @classmethod
+    def from_params(cls, params: Params, version: str, with_eval: bool = False) -> ModelSpec:
+        return cls(fluxfill_version=version, model=params.model, panel_size=params.data.panel_size,
+                   prompt_template=params.data.prompt_template, instruction=params.data.task_instruction,
+                   lora=params.train.lora, fusion=params.fusion, eval=params.eval if with_eval else None)
+
+    @property
+    def prompt(self) -> str:
+        """The training prompt: ``prompt_template`` with ``instruction``."""
+        return self.prompt_template.format(instruction=self.instruction)
 
 
 def check_panel_size(size: int) -> None:

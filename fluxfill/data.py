@@ -5,9 +5,15 @@ Each sample becomes one PNG triptych [reference | source | target], 3*panel x pa
 id, split, prompt, source, target, reference, sha256, file.
 
 Sources (data.source):
-  demo      (default) real photos bundled with scikit-image, no download. The source is a seeded
-            degradation of each photo (darker, noisy, slightly soft), the target the clean photo,
-            the reference a clean photo of another scene. Photos smaller than a panel are upscaled.
+  demo      (default) real photos bundled with scikit-image, no download; photos smaller than a
+            panel are upscaled. data.demo_task picks what the model learns:
+              enhance  (default) the source is a seeded degradation of each photo (darker, noisy,
+                       slightly soft), the target the clean photo, the reference a clean photo of
+                       another scene. The reference is not needed to solve it.
+              tint     the source is the clean photo, the target the same photo re-graded with a
+                       colour look (one of LOOKS, seeded per sample), the reference another photo
+                       with the same look. The prompt does not name the look: only the reference
+                       shows it, so fusion is what can solve it.
   folder    data.path (default data/raw) holds image files matched by name (file stem = sample id):
               data/raw/source/<id>.png      the image to enhance
               data/raw/target/<id>.png      the wanted result
@@ -16,7 +22,7 @@ Sources (data.source):
             paths are relative to the CSV's folder, prompt replaces the prompt template for that
             row, split (train or val) fixes the row's split. The sample id is the source file stem.
 
-The prompt is data.prompt_template with data.instruction; the train/val split is seeded
+The prompt is data.prompt_template with data.instruction (null: the demo task's own); the train/val split is seeded
 (data.val_fraction, data.seed). Same inputs and params give byte-identical files.
 
 Everything is checked before anything is written: unreadable, truncated or non-image files, missing
@@ -45,17 +51,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 import numpy as np
-import yaml
+import pandas as pd
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from .config import DataConfig, FluxfillError, repo_root
+from .artifacts import MANIFEST, damaged, reading
+from .config import DataConfig, FluxfillError
 from .panels import build_panels, fit_panel, to_rgb
+from .safety import check_outputs
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("id", "split", "prompt", "source", "target", "reference", "sha256", "file")
+READ_COLUMNS = ("id", "split", "prompt", "file", "sha256")  # what the later stages read of the manifest
 INPUT_COLUMNS = ("source", "target", "reference", "prompt", "split")
 REQUIRED_COLUMNS = ("source", "target")
 SPLITS = ("train", "val")
@@ -69,9 +77,28 @@ DEMO_PHOTOS = (
 )
 DEMO_PREFIX = "skimage:"
 DEGRADED = "#degraded"
+LOOK_TAG = "#look="  # skimage:<name>#look=<look>: the photo re-graded with a colour look of LOOKS
+
+# Colour looks of the tint task, on RGB in [0, 1]: x' = clip(x @ matrix.T + shadows (1 - l) + highlights l),
+# l the luminance of x. Each is clearly visible and different from the others (warm, cool, split-tone, ...).
+LOOKS: dict[str, dict[str, tuple]] = {
+    "warm": {"matrix": ((1.10, 0.05, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.75)), "shadows": (0.04, 0.02, 0.0),
+             "highlights": (0.0, 0.0, 0.0)},
+    "cool": {"matrix": ((0.80, 0.0, 0.0), (0.0, 0.97, 0.03), (0.0, 0.05, 1.10)), "shadows": (0.0, 0.02, 0.06),
+             "highlights": (0.0, 0.0, 0.0)},
+    "teal_orange": {"matrix": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), "shadows": (-0.10, 0.06, 0.10),
+                    "highlights": (0.10, 0.02, -0.12)},
+    "sepia": {"matrix": ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131)),
+              "shadows": (0.0, 0.0, 0.0), "highlights": (0.0, 0.0, 0.0)},
+    "green": {"matrix": ((0.85, 0.05, 0.0), (0.0, 1.10, 0.0), (0.0, 0.05, 0.80)), "shadows": (0.0, 0.05, 0.0),
+              "highlights": (0.0, 0.0, 0.0)},
+    "faded": {"matrix": ((0.60, 0.15, 0.15), (0.15, 0.60, 0.15), (0.15, 0.15, 0.60)), "shadows": (0.18, 0.16, 0.20),
+              "highlights": (0.0, 0.0, 0.0)},
+}
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 # independent random streams, so that e.g. changing val_fraction does not change the references
-_SPLIT_STREAM, _REFERENCE_STREAM, _DEGRADE_STREAM = 1, 2, 3
+_SPLIT_STREAM, _REFERENCE_STREAM, _DEGRADE_STREAM, _LOOK_STREAM = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -101,11 +128,19 @@ class PrepareResult:
 
 
 def _demo_samples(cfg: DataConfig) -> tuple[list[Sample], list[str]]:
+    if cfg.demo_task == "tint":  # the reference (another photo, same look) is borrowed in collect()
+        return [Sample(id=name, source=f"{DEMO_PREFIX}{name}", target=f"{DEMO_PREFIX}{name}{LOOK_TAG}{_pick_look(cfg, name)}")
+                for name in DEMO_PHOTOS], []
     samples = [
         Sample(id=name, source=f"{DEMO_PREFIX}{name}{DEGRADED}", target=f"{DEMO_PREFIX}{name}")
         for name in DEMO_PHOTOS
     ]
     return samples, []
+
+
+def _pick_look(cfg: DataConfig, sample_id: str) -> str:
+    names = list(LOOKS)
+    return names[int(np.random.default_rng([cfg.seed, _LOOK_STREAM, zlib.crc32(sample_id.encode())]).integers(len(names)))]
 
 
 def _escapes(path: Path, root: Path) -> str | None:
@@ -245,12 +280,22 @@ def _demo_photo(name: str) -> Image.Image:
 
 
 def read_image(label: str) -> Image.Image:
-    """Open a sample image: a file (fully decoded, EXIF orientation applied) or ``skimage:<name>``."""
+    """Open a sample image: a file (fully decoded, EXIF orientation applied) or ``skimage:<name>`` (any ``#...`` ignored)."""
     if label.startswith(DEMO_PREFIX):
-        return _demo_photo(label[len(DEMO_PREFIX):].removesuffix(DEGRADED))
+        return _demo_photo(label[len(DEMO_PREFIX):].split("#")[0])
     with Image.open(label) as img:
         img.load()
         return ImageOps.exif_transpose(img)
+
+
+def open_checked(label: str) -> tuple[Image.Image | None, str | None]:
+    """``(image, None)`` for a readable image (see :func:`read_image`), else ``(None, "<label>: <problem and fix>")``."""
+    try:
+        return read_image(label), None
+    except UnidentifiedImageError:
+        return None, f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"{label}: unreadable or truncated image ({e}); re-export or remove it"
 
 
 def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -262,19 +307,32 @@ def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
+def apply_look(img: Image.Image, look: str) -> Image.Image:
+    """An RGB panel re-graded with the colour look ``look`` of :data:`LOOKS` (per pixel, deterministic)."""
+    if look not in LOOKS:
+        raise FluxfillError(f"unknown colour look {look!r}; one of {', '.join(LOOKS)}")
+    spec = {k: np.asarray(v, dtype=np.float64) for k, v in LOOKS[look].items()}
+    x = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0  # [H, W, 3]
+    luma = (x @ _LUMA)[..., None]  # [H, W, 1]
+    y = x @ spec["matrix"].T + spec["shadows"] * (1.0 - luma) + spec["highlights"] * luma  # [H, W, 3]
+    return Image.fromarray(np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8), "RGB")
+
+
+def look_of(label: str) -> str | None:
+    """The colour look a demo label asks for (``skimage:coffee#look=warm`` -> ``warm``), else None."""
+    return label.split(LOOK_TAG, 1)[1] if label.startswith(DEMO_PREFIX) and LOOK_TAG in label else None
+
+
 def _check_images(samples: list[Sample], cfg: DataConfig) -> list[str]:
     """Decode every image once; return the problems, log the conversions."""
     size = cfg.panel_size
-    labels = sorted({lab for s in samples for lab in (s.target, s.source, s.reference) if lab and DEGRADED not in lab})
+    labels = sorted({lab.split("#")[0] if lab.startswith(DEMO_PREFIX) else lab
+                     for s in samples for lab in (s.target, s.source, s.reference) if lab})
     problems: list[str] = []
     for label in labels:
-        try:
-            img = read_image(label)
-        except UnidentifiedImageError:
-            problems.append(f"{label}: not an image (Pillow cannot identify it); remove it or save it as PNG/JPEG")
-            continue
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            problems.append(f"{label}: unreadable or truncated image ({e}); re-export or remove it")
+        img, problem = open_checked(label)
+        if problem:
+            problems.append(problem)
             continue
         _, note = to_rgb(img)
         if note:
@@ -307,8 +365,9 @@ def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def _prompt(cfg: DataConfig) -> str:
+    instruction = cfg.task_instruction
     try:
-        return cfg.prompt_template.format(instruction=cfg.instruction)
+        return cfg.prompt_template.format(instruction=instruction)
     except (KeyError, IndexError, ValueError) as e:
         raise FluxfillError(
             f"data.prompt_template: cannot fill it ({e!r}); the only placeholder is {{instruction}}, "
@@ -345,9 +404,12 @@ def collect(cfg: DataConfig) -> list[Sample]:
     for s in sorted(samples, key=lambda s: s.id):
         reference = s.reference
         if reference is None:
-            # borrow another scene's target, from the train split so that no val target is seen in training
+            # borrow another scene's target, from the train split so that no val target is seen in training;
+            # with a colour look, the other scene's photo with this sample's look
             pool = [i for i in train if i != s.id] or [i for i in sorted(by_id) if i != s.id]
             reference = by_id[pool[int(rng.integers(len(pool)))]].target
+            if look := look_of(s.target):
+                reference = f"{reference.split('#')[0]}{LOOK_TAG}{look}"
         out.append(replace(s, reference=reference, prompt=s.prompt or prompt, split=splits[s.id]))
     return out
 
@@ -361,18 +423,24 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _panel(label: str, cfg: DataConfig) -> Image.Image:
+    """One square panel of a sample image, re-graded when its label asks for a colour look."""
+    panel = fit_panel(read_image(label), cfg.panel_size)
+    return apply_look(panel, look) if (look := look_of(label)) else panel
+
+
 def _source_image(s: Sample, target: Image.Image, cfg: DataConfig) -> Image.Image:
     if s.source.endswith(DEGRADED):
         rng = np.random.default_rng([cfg.seed, _DEGRADE_STREAM, zlib.crc32(s.id.encode())])
-        return degrade(fit_panel(target, cfg.panel_size), rng)
-    return read_image(s.source)
+        return degrade(target, rng)
+    return _panel(s.source, cfg)
 
 
 def _write(samples: list[Sample], cfg: DataConfig, folder: Path) -> None:
     rows = []
     for s in tqdm(samples, desc="prepare", unit="sample"):
-        target = read_image(s.target)
-        panels = build_panels(_source_image(s, target, cfg), target, read_image(s.reference), cfg.panel_size)
+        target = _panel(s.target, cfg)
+        panels = build_panels(_source_image(s, target, cfg), target, _panel(s.reference, cfg), cfg.panel_size)
         data = _png(panels.triptych)
         file = f"{s.id}.png"
         (folder / file).write_bytes(data)
@@ -397,10 +465,32 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_replaceable(out: Path) -> None:
+    """``out`` is replaced whole: refuse when it holds anything but a manifest and the triptychs it lists."""
+    if not out.exists():
+        return
+    known = {MANIFEST}
+    try:
+        known |= set(read_manifest(out)["file"])
+    except FluxfillError as e:  # no readable manifest: every file counts as foreign
+        logger.debug("%s", e)
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+    foreign = [name for name in foreign if name not in known]
+    if foreign:
+        raise FluxfillError(
+            f"data.output {out} holds files `fluxfill prepare` did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}), which replacing it would delete; move them away or set "
+            "data.output to a folder of its own")
+
+
 def prepare(cfg: DataConfig) -> PrepareResult:
-    """Validate the inputs, then write every triptych and ``manifest.csv`` to ``cfg.output`` at once."""
+    """Validate the inputs, then write every triptych and ``manifest.csv`` to ``cfg.output`` at once.
+
+    The old ``cfg.output`` is replaced only when it holds nothing but what an earlier prepare wrote.
+    """
     samples = collect(cfg)
     out = Path(cfg.output)
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -414,38 +504,28 @@ def prepare(cfg: DataConfig) -> PrepareResult:
     return PrepareResult(path=out, manifest=out / MANIFEST, count=len(samples), train=len(samples) - n_val, val=n_val)
 
 
-def read_manifest(path: str | os.PathLike = "data/prepared") -> list[dict[str, str]]:
-    """The rows of ``<path>/manifest.csv`` as dicts (columns :data:`MANIFEST_COLUMNS`)."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise FluxfillError(f"{file}: not found; run `fluxfill prepare` (or `dvc repro prepare`) first")
-    with open(file, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def read_manifest(prepared: str | os.PathLike) -> pd.DataFrame:
+    """The rows of ``<prepared>/manifest.csv``; a damaged, truncated or foreign manifest is refused in one line."""
+    path = Path(prepared) / MANIFEST
+    if not path.exists():
+        raise FluxfillError(f"{path} not found: run `fluxfill prepare` (or `dvc repro prepare`) first")
+    with reading(path, "prepare", "manifest"):
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    missing = set(READ_COLUMNS) - set(df.columns)
+    if missing:
+        raise damaged(path, f"a manifest from another version of fluxfill (no columns {sorted(missing)})", "prepare")
+    bad = ~df["sha256"].str.fullmatch(r"[0-9a-f]{64}") | ~df["split"].isin(["train", "val"]) | (df["file"] == "")
+    if bad.any():
+        line = int(bad.to_numpy().nonzero()[0][0]) + 2  # 1-based, after the header
+        raise damaged(path, f"damaged or truncated manifest (line {line} is incomplete)", "prepare")
+    return df
+
 
 
 # --------------------------------------------------------------------------------------------- version
 
 
-def _lock_entry(root: Path, rel: str) -> dict | None:
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
-    for stage in stages.values():
-        for out in stage.get("outs") or []:
-            if PurePath(out.get("path", "")).as_posix() == rel and out.get("md5"):
-                return out
-    return None
-
-
-def _size_and_count(path: Path) -> tuple[int, int]:
-    if path.is_file():
-        return path.stat().st_size, 1
-    files = [Path(d) / f for d, _, names in os.walk(path) for f in names]
-    return sum(f.stat().st_size for f in files), len(files)
-
-
-def _dvc_md5(path: Path) -> str:
+def dvc_md5(path: Path) -> str:
     """The hash ``dvc commit`` records for ``path`` (``<md5>.dir`` for a folder), computed by dvc-data."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
@@ -455,23 +535,6 @@ def _dvc_md5(path: Path) -> str:
     odb = HashFileDB(MemoryFileSystem(), "/fluxfill-data-version")
     _, _, obj = build(odb, str(path), LocalFileSystem(), "md5", dry_run=True)
     return obj.hash_info.value
-
-
-def data_version(path: str | os.PathLike = "data/prepared") -> str | None:
-    """The DVC hash of a pipeline output (``data/prepared``, ``data/latents``, ...), e.g. ``"3f2a...dir"``.
-
-    Taken from ``dvc.lock`` when it records ``path`` and the recorded size and file count still match
-    the workspace (or the data is not checked out); otherwise computed with dvc-data as DVC would.
-    None when the path is neither in ``dvc.lock`` nor on disk.
-    """
-    target = Path(path).resolve()
-    root = repo_root()
-    entry = _lock_entry(root, target.relative_to(root).as_posix()) if target.is_relative_to(root) else None
-    if not target.exists():
-        return entry["md5"] if entry else None
-    if entry and _size_and_count(target) == (entry.get("size"), entry.get("nfiles", 1)):
-        return entry["md5"]
-    return _dvc_md5(target)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -489,6 +552,7 @@ def run(params, args) -> int:
         n_val = sum(s.split == "val" for s in samples)
         print(f"{len(samples)} samples ok ({len(samples) - n_val} train, {n_val} val) from data.source={cfg.source}")
         return 0
+    check_outputs(params, "prepare")
     result = prepare(cfg)
     print(
         f"prepared {result.count} triptychs of {3 * size}x{size} ({result.train} train, {result.val} val) "

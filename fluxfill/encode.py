@@ -1,6 +1,7 @@
 """Encode data/prepared into the latent cache data/latents, so training never touches the VAE or text encoders.
 
-Three phases, one model family loaded at a time and freed after use (peak memory = the largest of them):
+Three phases, one model family loaded at a time and released before the next loads (peak memory = the largest
+of them; each phase holds its models only inside its own function):
 
   1. text    CLIP text + T5  -> prompt_embeds [T, D], pooled_prompt_embeds [P]   (flux-fill-dev: ~10 GB, T5-XXL)
   2. vae     VAE             -> x_0 [N, 64], masked_latents [N, 64]              (~0.2 GB + activations)
@@ -9,9 +10,10 @@ Three phases, one model family loaded at a time and freed after use (peak memory
 plus, once per geometry, mask_latents [1, N, 256], img_ids [N, 3] and txt_ids [T, 3] in ``geometry.safetensors``.
 
 Files are safetensors shards of ``encode.shard_size`` samples per phase (``text-00000.safetensors``, ...),
-written atomically (temp file, then rename). Each shard records a fingerprint of its inputs (triptych hashes,
-prompts) and settings (preset, weights, panel size, dtype, code version): a shard whose fingerprint matches
-is kept, so an interrupted encode resumes where it stopped and an unchanged dataset encodes nothing. The VAE
+written atomically (temp file, then rename) by a worker thread while the next batch encodes; another worker
+decodes the next batches' triptych PNGs ahead of the model. Each shard records a fingerprint of its inputs
+(triptych hashes, prompts) and settings (preset, weights, panel size, dtype, code version): a shard whose
+fingerprint matches is kept, so an interrupted encode resumes where it stopped and an unchanged dataset encodes nothing. The VAE
 posterior is taken at its mode, so the same inputs give bit-identical files on the CPU.
 ``meta.json`` describes the cache; training refuses a cache built for another preset or panel size.
 """
@@ -20,9 +22,14 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
+import itertools
 import json
 import logging
 import os
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +41,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, reading
 from .config import FluxfillError, Params
+from .data import read_manifest
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
 from .models import DTYPES, best_device, load_component, resolve_dtype
-from .panels import panels_from_triptych
+from .panels import Panels, panels_from_triptych
+from .safety import check_outputs
 
 log = logging.getLogger(__name__)
 PHASES = ("text", "vae", "vision")
-META = "meta.json"
-GEOMETRY = "geometry.safetensors"
-MANIFEST = "manifest.csv"
+META, GEOMETRY = CACHE_META, CACHE_GEOMETRY
+# what training reads from meta.json: a file without these keys was written by another version
+META_KEYS = ("preset", "panel_size", "max_sequence_length", "code_version", "manifest_sha256", "shards", "samples")
 
 
 def code_version() -> str:
@@ -76,15 +86,18 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(prepared: Path) -> pd.DataFrame:
-    path = prepared / MANIFEST
-    if not path.exists():
-        raise FluxfillError(f"{path} not found: run `fluxfill prepare` (or `dvc repro prepare`) first")
-    df = pd.read_csv(path, keep_default_na=False)
-    missing = {"id", "split", "prompt", "file", "sha256"} - set(df.columns)
-    if missing:
-        raise FluxfillError(f"{path}: missing columns {sorted(missing)}; re-run `fluxfill prepare`")
-    return df
+def load_triptychs(prepared: Path, rows: pd.DataFrame) -> list[Panels]:
+    """The panels of each row's triptych, each file checked against the sha256 the manifest records."""
+    out = []
+    for file, sha in zip(rows["file"], rows["sha256"], strict=True):
+        path = Path(prepared) / file
+        with reading(path, "prepare", "triptych"):
+            data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise damaged(path, f"damaged or from another run: its sha256 is not the one {MANIFEST} records", "prepare")
+        with reading(path, "prepare", "triptych"):
+            out.append(panels_from_triptych(Image.open(io.BytesIO(data))))
+    return out
 
 
 @dataclass
@@ -122,47 +135,177 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -
     os.replace(tmp, path)
 
 
-def _free(*modules) -> None:
-    del modules
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _batches(rows: pd.DataFrame, size: int):
     for start in range(0, len(rows), size):
         yield rows.iloc[start:start + size]
 
 
-def _load_panels(prepared: Path, rows: pd.DataFrame):
-    return [panels_from_triptych(Image.open(prepared / f)) for f in rows["file"]]
+def _ahead(fn, items, depth: int = 2):
+    """``(item, fn(item))`` in order, ``fn`` running ``depth`` items ahead in a worker thread.
+
+    PNG decoding and cropping release the GIL, so the next batches are read while the model encodes this one.
+    """
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool:
+        queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, depth))
+        while queue:
+            item, future = queue.popleft()
+            queue.extend((nxt, pool.submit(fn, nxt)) for nxt in itertools.islice(items, 1))
+            yield item, future.result()
+
+
+class _Writer:
+    """Shard files written in order by a worker thread while the next batches encode.
+
+    ``save`` returns at once; ``flush`` waits for the pending writes and re-raises the first failure;
+    ``stop_after`` raises :class:`_Stop` once that many files were handed over (tests of resume use it).
+    """
+
+    def __init__(self, out: Path, stop_after: int | None):
+        self.out, self.budget, self.written = out, stop_after, []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-write")
+        self._pending: list = []
+
+    def save(self, sh: Shard, phase: str, fp: str, tensors: dict[str, torch.Tensor]) -> None:
+        for future in self._pending:  # a write that failed stops the encode at the next shard
+            if future.done() and future.exception():
+                self.flush()
+        if self.budget is not None and self.budget <= 0:
+            raise _Stop
+        meta = {"fingerprint": fp, "ids": list(sh.rows["id"])}
+        self._pending.append(self._pool.submit(_save_atomic, tensors, self.out / sh.name(phase), meta))
+        self.written.append(sh.name(phase))
+        if self.budget is not None:
+            self.budget -= 1
+
+    def save_geometry(self, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        self._pending.append(self._pool.submit(_save_atomic, tensors, self.out / GEOMETRY, metadata))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown()
+
+
+@dataclass
+class _Job:
+    """What the phases share: paths, model settings, dtypes and the shard writer."""
+
+    params: Params
+    prepared: Path
+    out: Path
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the encoders
+    store: torch.dtype  # storage dtype of the cache
+    writer: _Writer
+
+    def load(self, name: str):
+        return load_component(self.params.model, name, self.device, self.dtype)
+
+    def batches(self, todo: list[tuple[Shard, str]]) -> list[tuple[Shard, str, pd.DataFrame]]:
+        """``(shard, fingerprint, rows)`` of every batch of the pending shards, in shard order."""
+        bs = self.params.encode.batch_size
+        return [(sh, fp, b) for sh, fp in todo for b in _batches(sh.rows, bs)]
+
+
+def _release(*modules: weakref.ref) -> None:
+    """Check that the phase's models are gone; a reference cycle is the only thing that can still hold one."""
+    if any(m() is not None for m in modules):
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _encode_text(job: _Job, todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
+    """Phase 1: CLIP text + T5, alive only inside this function; returns weak references to them."""
+    mcfg, bs = job.params.model, job.params.encode.batch_size
+    pipe = text_pipeline(*[job.load(n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")])
+    for sh, fp in tqdm(todo, desc="encode text", unit="shard"):
+        parts = [encode_prompts(pipe, list(b["prompt"]), mcfg.max_sequence_length) for b in _batches(sh.rows, bs)]
+        job.writer.save(sh, "text", fp, {
+            "prompt_embeds": torch.cat([p[0] for p in parts]).to(job.store),  # [S, T, D]
+            "pooled_prompt_embeds": torch.cat([p[1] for p in parts]).to(job.store),  # [S, P]
+        })
+    return [weakref.ref(pipe.text_encoder), weakref.ref(pipe.text_encoder_2)]
+
+
+def _encode_vae(job: _Job, todo: list[tuple[Shard, str]], first_rows: pd.DataFrame) -> list[weakref.ref]:
+    """Phase 2: the VAE; geometry.safetensors comes from the first batch (or ``first_rows`` when none is pending)."""
+    pipe, store = vae_pipeline(job.load("vae")), job.store
+    items = job.batches(todo) or [(None, None, first_rows)]
+    x0, masked, bar = [], [], tqdm(total=len(todo), desc="encode vae", unit="shard")
+
+    def read(item):
+        panels = load_triptychs(job.prepared, item[2])
+        return [p.diptych for p in panels], [p.mask for p in panels]
+
+    for i, ((sh, fp, _rows), (diptychs, masks)) in enumerate(_ahead(read, items)):
+        enc = encode_diptychs(pipe, diptychs, masks)
+        if i == 0:  # the same for every sample: it depends on the panel size only
+            job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(store),  # [1, N, 256]
+                                      "img_ids": enc.img_ids.float(),  # [N, 3]
+                                      "txt_ids": text_ids(job.params.model.max_sequence_length)},  # [T, 3]
+                                     {"panel_size": job.params.data.panel_size})
+        if sh is None:
+            continue
+        x0.append(enc.x_0)
+        masked.append(enc.masked_latents)
+        if sum(len(x) for x in x0) == len(sh.rows):  # the shard's last batch
+            job.writer.save(sh, "vae", fp, {"x_0": torch.cat(x0).to(store),  # [S, N, 64]
+                                            "masked_latents": torch.cat(masked).to(store)})  # [S, N, 64]
+            x0, masked = [], []
+            bar.update(1)
+    bar.close()
+    return [weakref.ref(pipe.vae)]
+
+
+def _encode_vision(job: _Job, todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
+    """Phase 3: the CLIP vision tower on the reference panels."""
+    encoder, processor = job.load("image_encoder"), job.load("image_processor")
+    embeds, bar = [], tqdm(total=len(todo), desc="encode vision", unit="shard")
+
+    def read(item):
+        return [p.reference for p in load_triptychs(job.prepared, item[2])]
+
+    for (sh, fp, _rows), references in _ahead(read, job.batches(todo)):
+        embeds.append(encode_references(encoder, processor, references))  # [b, E]
+        if sum(len(e) for e in embeds) == len(sh.rows):
+            job.writer.save(sh, "vision", fp, {"image_embeds": torch.cat(embeds).to(job.store)})  # [S, E]
+            embeds = []
+            bar.update(1)
+    bar.close()
+    return [weakref.ref(encoder)]
 
 
 def encode(params: Params, prepared: str | Path | None = None, output: str | Path | None = None,
            device: str | None = None, stop_after: int | None = None) -> dict:
     """Encode every pending shard; returns ``{"written": [...], "kept": [...], "output": path}``.
 
-    ``stop_after`` stops after writing that many shard files (used to test resume).
+    One model family at a time: each phase loads its models inside its own function, so they are released
+    when it returns, before the next family loads. ``stop_after`` stops after writing that many shard files
+    (used to test resume).
     """
     prepared = Path(prepared or params.data.output)
     out = Path(output or params.encode.output)
     df = read_manifest(prepared)
     if df.empty:
         raise FluxfillError(f"{prepared / MANIFEST} lists no samples")
-    sizes = {Image.open(prepared / f).size for f in df["file"].head(1)}
-    panel = next(iter(sizes))[1]
+    panel = load_triptychs(prepared, df.head(1))[0].size
     if panel != params.data.panel_size:
         raise FluxfillError(f"{prepared} holds {panel}-px panels but data.panel_size is {params.data.panel_size}: "
                             "re-run `fluxfill prepare` or set data.panel_size")
     out.mkdir(parents=True, exist_ok=True)
     dev = best_device(device or params.encode.device)
-    compute_dtype = resolve_dtype(params.model.dtype, dev)
-    store = DTYPES[params.encode.dtype]
     setting = settings(params)
     size = params.encode.shard_size
     shards = [Shard(i, df.iloc[s:s + size]) for i, s in enumerate(range(0, len(df), size))]
-    written, kept = [], []
-    budget = [stop_after]
+    kept = []
 
     def pending(phase):
         todo = []
@@ -174,66 +317,35 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
                 todo.append((sh, fp))
         return todo
 
-    def save(sh, phase, fp, tensors):
-        if budget[0] is not None and budget[0] <= 0:
-            raise _Stop
-        _save_atomic(tensors, out / sh.name(phase), {"fingerprint": fp, "ids": list(sh.rows["id"])})
-        written.append(sh.name(phase))
-        if budget[0] is not None:
-            budget[0] -= 1
-
-    bs = params.encode.batch_size
-    mcfg = params.model
+    writer = _Writer(out, stop_after)
+    job = _Job(params, prepared, out, dev, resolve_dtype(params.model.dtype, dev), DTYPES[params.encode.dtype], writer)
+    complete = True
     try:
-        todo = pending("text")
-        if todo:
-            comps = [load_component(mcfg, n, dev, compute_dtype) for n in
-                     ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
-            pipe = text_pipeline(*comps)
-            for sh, fp in tqdm(todo, desc="encode text", unit="shard"):
-                parts = [encode_prompts(pipe, list(b["prompt"]), mcfg.max_sequence_length) for b in _batches(sh.rows, bs)]
-                save(sh, "text", fp, {
-                    "prompt_embeds": torch.cat([p[0] for p in parts]).to(store),  # [S, T, D]
-                    "pooled_prompt_embeds": torch.cat([p[1] for p in parts]).to(store),  # [S, P]
-                })
-            _free(pipe, comps)
+        if todo := pending("text"):
+            _release(*_encode_text(job, todo))
+            writer.flush()
         todo = pending("vae")
-        geometry = out / GEOMETRY
-        if todo or not geometry.exists():
-            pipe = vae_pipeline(load_component(mcfg, "vae", dev, compute_dtype))
-            for sh, fp in tqdm(todo, desc="encode vae", unit="shard"):
-                x0, masked = [], []
-                for b in _batches(sh.rows, bs):
-                    panels = _load_panels(prepared, b)
-                    enc = encode_diptychs(pipe, [p.diptych for p in panels], [p.mask for p in panels])
-                    x0.append(enc.x_0)
-                    masked.append(enc.masked_latents)
-                save(sh, "vae", fp, {"x_0": torch.cat(x0).to(store), "masked_latents": torch.cat(masked).to(store)})
-            if not geometry.exists() or todo:
-                panels = _load_panels(prepared, df.head(1))
-                enc = encode_diptychs(pipe, [panels[0].diptych], [panels[0].mask])
-                _save_atomic({"mask_latents": enc.mask_latents[:1].to(store),  # [1, N, 256]
-                              "img_ids": enc.img_ids.float(),  # [N, 3]
-                              "txt_ids": text_ids(mcfg.max_sequence_length)},  # [T, 3]
-                             geometry, {"panel_size": panel})
-            _free(pipe)
-        todo = pending("vision")
-        if todo:
-            encoder = load_component(mcfg, "image_encoder", dev, compute_dtype)
-            processor = load_component(mcfg, "image_processor", dev)
-            for sh, fp in tqdm(todo, desc="encode vision", unit="shard"):
-                embeds = [encode_references(encoder, processor, [p.reference for p in _load_panels(prepared, b)])
-                          for b in _batches(sh.rows, bs)]
-                save(sh, "vision", fp, {"image_embeds": torch.cat(embeds).to(store)})  # [S, E]
-            _free(encoder)
+        if todo or not (out / GEOMETRY).exists():
+            _release(*_encode_vae(job, todo, df.head(1)))
+            writer.flush()
+        if todo := pending("vision"):
+            _release(*_encode_vision(job, todo))
     except _Stop:
-        return {"written": written, "kept": kept, "output": str(out), "complete": False}
+        complete = False
+    finally:
+        writer.close()  # waits for the pending writes
+    if complete:
+        _write_meta(params, prepared, out, df, shards, setting)
+    return {"written": writer.written, "kept": kept, "output": str(out), "complete": complete}
 
+
+def _write_meta(params: Params, prepared: Path, out: Path, df: pd.DataFrame, shards: list[Shard], setting: dict):
+    """meta.json (rewritten only when it changes), then remove shard files no longer part of the cache."""
     meta = {
         **setting,
         "manifest_sha256": hashlib.sha256((prepared / MANIFEST).read_bytes()).hexdigest(),
         "num_samples": len(df),
-        "shard_size": size,
+        "shard_size": params.encode.shard_size,
         "shards": [{ph: sh.name(ph) for ph in PHASES} | {"ids": list(sh.rows["id"])} for sh in shards],
         "samples": [{"id": r.id, "split": r.split} for r in df.itertuples()],
     }
@@ -243,9 +355,9 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
         tmp.write_text(meta_text)
         os.replace(tmp, out / META)
     expected = {META, GEOMETRY} | {sh.name(ph) for sh in shards for ph in PHASES}
-    for stale in sorted(p for p in out.glob("*.safetensors") if p.name not in expected):
+    own = [p for p in out.glob("*-?????.safetensors") if p.name.split("-")[0] in PHASES]  # shards, not others
+    for stale in sorted(p for p in own if p.name not in expected):
         stale.unlink()
-    return {"written": written, "kept": kept, "output": str(out), "complete": True}
 
 
 class _Stop(Exception):
@@ -265,21 +377,41 @@ class LatentCache(torch.utils.data.Dataset):
         meta_path = self.root / META
         if not meta_path.exists():
             raise FluxfillError(f"{meta_path} not found: the latent cache is missing or incomplete; run `fluxfill encode`")
-        self.meta = json.loads(meta_path.read_text())
+        with reading(meta_path, "encode", "cache description"):
+            self.meta = json.loads(meta_path.read_text())
+        if not isinstance(self.meta, dict) or any(k not in self.meta for k in META_KEYS):
+            raise damaged(meta_path, f"a cache description from another version of fluxfill (keys {list(META_KEYS)} "
+                                     "expected)", "encode")
         if expect:
             diff = [f"{k}: cache has {self.meta.get(k)!r}, expected {v!r}" for k, v in expect.items()
                     if self.meta.get(k) != v]
             if diff:
                 raise FluxfillError(f"latent cache {self.root} was built with other settings: " + "; ".join(diff)
                                     + ". Re-run `fluxfill encode` (or `dvc repro encode`) with the current params.")
-        splits = {s["id"]: s["split"] for s in self.meta["samples"]}
-        self.index = [(sh, row, sid) for sh in self.meta["shards"] for row, sid in enumerate(sh["ids"])
-                      if split is None or splits[sid] == split]
+        with reading(meta_path, "encode", "cache description"):
+            splits = {s["id"]: s["split"] for s in self.meta["samples"]}
+            self.index = [(sh, row, sid) for sh in self.meta["shards"] for row, sid in enumerate(sh["ids"])
+                          if split is None or splits[sid] == split]
+            names = [(sh[phase], sh["ids"]) for sh in self.meta["shards"] for phase in PHASES]
         if not self.index:
             raise FluxfillError(f"latent cache {self.root} has no {split!r} samples")
-        with safe_open(str(self.root / GEOMETRY), "pt") as f:
-            self.geometry = {k: f.get_tensor(k) for k in f.keys()}
+        with reading(self.root / GEOMETRY, "encode", "cache file"):
+            with safe_open(str(self.root / GEOMETRY), "pt") as f:
+                self.geometry = {k: f.get_tensor(k) for k in f.keys()}
         self._files: dict[str, object] = {}
+        for name, ids in names:  # open (and check) every shard now, not halfway through training
+            self._check_shard(name, ids)
+
+    def _check_shard(self, name: str, ids: list[str]) -> None:
+        """Open one shard; a damaged or truncated one, or one another encode run wrote, is refused in one line."""
+        path = self.root / name
+        with reading(path, "encode", "cache shard"):
+            f = self._file(name)
+            written = json.loads((f.metadata() or {}).get("fluxfill", "{}")).get("ids")
+            rows = {f.get_slice(k).get_shape()[0] for k in f.keys()}
+        if written != ids or rows != {len(ids)}:
+            raise damaged(path, f"a cache shard from another encode run (its samples are not the ones {META} lists)",
+                          "encode")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -313,6 +445,7 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "encode")
     result = encode(params, device=args.device)
     print(f"encode: {len(result['written'])} shard file(s) written, {len(result['kept'])} up to date -> {result['output']}")
     return 0

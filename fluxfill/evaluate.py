@@ -15,10 +15,10 @@ infinity; SSIM on RGB uint8, 1 = identical):
 LPIPS is added (lpips, identity_lpips, base_lpips) only when torchvision and its pretrained AlexNet weights
 are already on this machine; otherwise a note says why it was skipped. Nothing is downloaded.
 
-Reads   models/lora/pytorch_lora_weights.safetensors, models/fusion.safetensors, models/mlflow_run.json
+Reads   models/lora/pytorch_lora_weights.safetensors, models/fusion.safetensors, data/prepared (val split)
 Writes  metrics/eval.json, eval/per_sample.csv, eval/samples/grid_000.png ... (one grid per batch of
         eval.batch_size: reference | source | generated | target), and logs the scores and grids to the MLflow
-        run of training (models/mlflow_run.json), or to a new run when there is none.
+        run that trained these weights (its reference is in .fluxfill/runs/), or to a new run when none is known.
 
 Examples:
   fluxfill evaluate
@@ -31,31 +31,24 @@ import importlib.util
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from tqdm.auto import tqdm
 
 from . import tracking
-from .config import FluxfillError, LoraConfig, Params
-from .encode import read_manifest
-from .fusion import SemanticFusion
-from .latents import encode_prompts, encode_references
-from .models import best_device, load_component, load_pipeline, resolve_dtype
-from .objective import fused_pooled
-from .panels import Panels, panels_from_triptych
+from .artifacts import EVAL_METRICS, EVAL_SAMPLES, EVAL_TABLE, FUSION_FILE, LORA_DIR
+from .config import FluxfillError, Params
+from .models import best_device, load_pipeline, resolve_dtype
+from .safety import check_outputs
+from .sampling import check_lora, fusion_encoders, generate, load_fusion, load_lora, sample_grid, val_samples
 
 log = logging.getLogger(__name__)
 
 PSNR_CAP = 100.0  # dB: the PSNR of identical images (infinite) is reported as this
-METRICS_FILE = Path("metrics") / "eval.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-GRID_LABELS = ("reference", "source", "generated", "target")
 SYSTEMS = {"": "generated", "identity_": "source", "base_": "base"}  # metric prefix -> which answer is scored
 
 
@@ -106,126 +99,6 @@ def scores(answer, target, lpips=None) -> dict[str, float]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ generation
-def conditioning(text_pipe, fusion: SemanticFusion | None, prompts: list[str], references: list[Image.Image],
-                 max_sequence_length: int, image_encoder=None, image_processor=None):
-    """``(prompt_embeds [B, T, D], pooled [B, P])``: the conditioning the transformer sees, as in training.
-
-    ``pooled`` is :func:`fluxfill.objective.fused_pooled` of the pooled text embedding and the reference's image
-    embedding (the same call training makes on cached tensors); with ``fusion=None`` it is the pooled text
-    embedding alone (the base model). ``text_pipe`` is any ``FluxFillPipeline`` holding the text encoders.
-    """
-    prompt_embeds, pooled_text, _ = encode_prompts(text_pipe, prompts, max_sequence_length)  # [B, T, D], [B, P]
-    if fusion is None:
-        return prompt_embeds, pooled_text
-    batch = {"pooled_prompt_embeds": pooled_text}
-    if fusion.enabled:
-        if image_encoder is None or image_processor is None:
-            raise ValueError("fusion mode 'pooled' needs image_encoder and image_processor for the references")
-        batch["image_embeds"] = encode_references(image_encoder, image_processor, references)  # [B, E]
-    with torch.no_grad():
-        return prompt_embeds, fused_pooled(fusion, batch)  # [B, P]
-
-
-def generate(pipe, fusion: SemanticFusion | None, panels: Sequence[Panels], prompts: Sequence[str], *,
-             num_inference_steps: int, guidance_scale: float, seed: int, max_sequence_length: int,
-             batch_size: int | None = None, image_encoder=None, image_processor=None,
-             desc: str = "generate") -> list[Image.Image]:
-    """Paint the target half of each sample's diptych; returns the generated right panels (PIL, ``size`` square).
-
-    Each sample's diptych and mask come from :class:`fluxfill.panels.Panels` (as in training); ``pipe`` is a
-    ``FluxFillPipeline`` with text encoders, called with the image, the mask, ``prompt_embeds`` and the fused
-    ``pooled_prompt_embeds`` (see :func:`conditioning`). Sample ``k`` of the list draws its noise from a CPU
-    ``torch.Generator`` seeded ``seed + k``, so the result does not depend on ``batch_size`` (default: one call).
-    """
-    if len(panels) != len(prompts):
-        raise ValueError(f"{len(panels)} samples but {len(prompts)} prompts: one prompt per sample is needed")
-    batch_size = batch_size or max(1, len(panels))
-    out: list[Image.Image] = []
-    for start in tqdm(range(0, len(panels), batch_size), desc=desc, unit="batch"):
-        chunk = panels[start:start + batch_size]
-        size = chunk[0].size
-        prompt_embeds, pooled = conditioning(pipe, fusion, list(prompts[start:start + batch_size]),
-                                             [p.reference for p in chunk], max_sequence_length,
-                                             image_encoder, image_processor)
-        dtype = pipe.vae.dtype  # the pipeline runs in prompt_embeds' dtype: it must be its VAE's
-        # a transformer prepared by accelerate for mixed precision returns fp32: autocast keeps the VAE fed
-        half = dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(pipe.vae.device.type, dtype=dtype, enabled=half):
-            images = pipe(
-                image=[p.diptych for p in chunk],
-                mask_image=[p.mask for p in chunk],
-                prompt_embeds=prompt_embeds.to(dtype),
-                pooled_prompt_embeds=pooled.to(dtype),
-                height=size,
-                width=2 * size,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))],
-                max_sequence_length=max_sequence_length,
-                output_type="pil",
-            ).images
-        out += [img.crop((size, 0, 2 * size, size)) for img in images]  # the painted target half
-    return out
-
-
-def sample_grid(rows: Sequence[tuple[Image.Image, Image.Image, Image.Image, Image.Image]]) -> Image.Image:
-    """Rows of ``(reference, source, generated, target)`` panels under a strip of column labels.
-
-    ``4 * size`` wide, ``label height + len(rows) * size`` high; each label is clipped to its column.
-    """
-    size = rows[0][0].width
-    font = ImageFont.load_default(size=max(10, size // 24))
-    label_h = font.size + 6
-    grid = Image.new("RGB", (4 * size, label_h + len(rows) * size), "white")
-    for col, label in enumerate(GRID_LABELS):
-        strip = Image.new("RGB", (size, label_h), "white")
-        ImageDraw.Draw(strip).text((2, 2), label, fill="black", font=font)
-        grid.paste(strip, (col * size, 0))
-    for r, row in enumerate(rows):
-        if len(row) != 4 or any(p.size != (size, size) for p in row):
-            raise ValueError(f"grid row {r}: expected 4 panels of {size}x{size}, got {[p.size for p in row]}")
-        for col, panel in enumerate(row):
-            grid.paste(panel.convert("RGB"), (col * size, label_h + r * size))
-    return grid
-
-
-# -------------------------------------------------------------------------------------------------- loading
-def check_lora(path: Path, lora_cfg: LoraConfig) -> Path:
-    """The LoRA file in ``path``; refuses one whose scale diffusers would get wrong.
-
-    Without peft adapter metadata in the file, diffusers loads ``lora_alpha = rank`` (scale 1), so a LoRA trained
-    with ``alpha != rank`` would be applied at the wrong strength.
-    """
-    from safetensors import safe_open
-
-    file = path / LORA_WEIGHTS
-    if not file.exists():
-        raise FluxfillError(f"{file} not found: run `fluxfill train` (or `dvc repro train`) first")
-    with safe_open(str(file), "pt") as f:
-        has_metadata = "lora_adapter_metadata" in (f.metadata() or {})
-    if not has_metadata and lora_cfg.alpha != lora_cfg.rank:
-        raise FluxfillError(
-            f"{file} has no LoRA adapter metadata and train.lora.alpha ({lora_cfg.alpha}) != rank ({lora_cfg.rank}): "
-            "diffusers would load it at scale 1 instead of alpha/rank. Re-save it with "
-            "save_lora_weights(..., transformer_lora_adapter_metadata=<peft LoraConfig>.to_dict())"
-        )
-    return file
-
-
-def _val_samples(params: Params) -> tuple[pd.DataFrame, list[Panels]]:
-    prepared = Path(params.data.output)
-    df = read_manifest(prepared)
-    val = df[df["split"] == "val"]
-    if val.empty:
-        raise FluxfillError(f"{prepared / 'manifest.csv'} has no 'val' samples: set data.val_fraction > 0 "
-                            "and re-run `fluxfill prepare`")
-    if params.eval.max_samples:
-        val = val.head(params.eval.max_samples)
-    panels = [panels_from_triptych(Image.open(prepared / f)) for f in val["file"]]
-    return val.reset_index(drop=True), panels
-
-
 # --------------------------------------------------------------------------------------------------- MLflow
 def _log_to_mlflow(params: Params, metrics: dict, grids: list[Image.Image], per_sample: Path,
                    run_ref: dict | None) -> str:
@@ -246,59 +119,28 @@ def _log_to_mlflow(params: Params, metrics: dict, grids: list[Image.Image], per_
         return run.info.run_id
 
 
-def training_sample_grid(params: Params, transformer, fusion: SemanticFusion, max_rows: int = 4) -> Image.Image | None:
-    """A grid of validation samples generated with the transformer being trained (its LoRA active) and fusion."""
-    try:
-        val, panels = _val_samples(params)
-    except FluxfillError:
-        return None
-    val, panels = val.head(max_rows), panels[:max_rows]
-    dev = transformer.device
-    dtype = next(p.dtype for p in transformer.parameters() if not p.requires_grad)  # the frozen base's, not LoRA's
-    pipe = load_pipeline(params.model, dev, dtype, components={"transformer": transformer})
-    extra = {}
-    if fusion.enabled:
-        extra = {"image_encoder": load_component(params.model, "image_encoder", dev, dtype),
-                 "image_processor": load_component(params.model, "image_processor", dev)}
-    was_training = transformer.training
-    transformer.eval()
-    try:
-        generated = generate(pipe, fusion, panels, list(val["prompt"]), num_inference_steps=params.eval.num_inference_steps,
-                             guidance_scale=params.eval.guidance_scale, seed=params.eval.seed,
-                             max_sequence_length=params.model.max_sequence_length,
-                             batch_size=params.eval.batch_size, desc="sample grid", **extra)
-    finally:
-        transformer.train(was_training)
-    return sample_grid([(p.reference, p.source, g, p.target) for p, g in zip(panels, generated, strict=True)])
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(params: Params, device: str | None = None) -> dict:
     """Run the whole evaluation stage; returns ``{"metrics": ..., "per_sample": DataFrame, "grids": [...], "run_id"}``."""
     models = Path(params.train.output)
-    lora_file = check_lora(models / "lora", params.train.lora)
-    fusion_file = models / "fusion.safetensors"
-    if not fusion_file.exists():
-        raise FluxfillError(f"{fusion_file} not found: run `fluxfill train` (or `dvc repro train`) first")
-    val, panels = _val_samples(params)
+    check_lora(models / LORA_DIR, params.train.lora)  # before any generation
+    fusion = load_fusion(models / FUSION_FILE, params.fusion)
+    run_ref = tracking.read_run_ref(models)  # before the long part: a damaged reference fails now
+    val, panels = val_samples(params)
     prompts = list(val["prompt"])
 
     dev = best_device(device or "auto")
     dtype = resolve_dtype(params.model.dtype, dev)
     pipe = load_pipeline(params.model, dev, dtype)
-    fusion = SemanticFusion.load(fusion_file).to(dev)
-    image_encoder = image_processor = None
-    if fusion.enabled:
-        image_encoder = load_component(params.model, "image_encoder", dev, dtype)
-        image_processor = load_component(params.model, "image_processor", dev)
+    fusion = fusion.to(dev)
     e = params.eval
     common = dict(num_inference_steps=e.num_inference_steps, guidance_scale=e.guidance_scale, seed=e.seed,
                   max_sequence_length=params.model.max_sequence_length, batch_size=e.batch_size)
     # base first, then the LoRA goes into the same transformer: one pipeline, no unloading
     base = generate(pipe, None, panels, prompts, desc="evaluate base", **common)
-    pipe.load_lora_weights(str(lora_file.parent))
-    generated = generate(pipe, fusion, panels, prompts, image_encoder=image_encoder,
-                         image_processor=image_processor, desc="evaluate trained", **common)
+    load_lora(pipe, models / LORA_DIR, params.train.lora)
+    generated = generate(pipe, fusion, panels, prompts, desc="evaluate trained",
+                         **fusion_encoders(params.model, fusion, dev, dtype), **common)
 
     lpips, why = lpips_scorer()
     if lpips is None:
@@ -318,7 +160,7 @@ def evaluate(params: Params, device: str | None = None) -> dict:
     metrics["num_samples"] = len(per_sample)
 
     out = Path(e.output)
-    samples = out / "samples"
+    samples = out / EVAL_SAMPLES
     samples.mkdir(parents=True, exist_ok=True)
     for stale in samples.glob("grid_*.png"):
         stale.unlink()
@@ -328,13 +170,12 @@ def evaluate(params: Params, device: str | None = None) -> dict:
         grid = sample_grid([(panels[k].reference, panels[k].source, generated[k], panels[k].target) for k in chunk])
         grid.save(samples / f"grid_{i:03d}.png")
         grids.append(grid)
-    per_sample_file = out / "per_sample.csv"
+    per_sample_file = out / EVAL_TABLE
     per_sample.to_csv(per_sample_file, index=False, float_format="%.6f")
-    METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    METRICS_FILE.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_file = Path(EVAL_METRICS)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    ref_file = models / "mlflow_run.json"
-    run_ref = json.loads(ref_file.read_text()) if ref_file.exists() else None
     run_id = _log_to_mlflow(params, metrics, grids, per_sample_file, run_ref)
     return {"metrics": metrics, "per_sample": per_sample, "grids": grids, "run_id": run_id}
 
@@ -344,10 +185,11 @@ def add_arguments(parser) -> None:
 
 
 def run(params: Params, args) -> int:
+    check_outputs(params, "evaluate")
     result = evaluate(params, device=args.device)
     m = result["metrics"]
     print(f"evaluate: {m['num_samples']} val samples | trained psnr {m['psnr']:.2f} dB ssim {m['ssim']:.4f} | "
           f"identity psnr {m['identity_psnr']:.2f} ssim {m['identity_ssim']:.4f} | "
           f"base psnr {m['base_psnr']:.2f} ssim {m['base_ssim']:.4f}")
-    print(f"  -> {METRICS_FILE}, {Path(params.eval.output) / 'samples'}, MLflow run {result['run_id']}")
+    print(f"  -> {EVAL_METRICS}, {Path(params.eval.output) / EVAL_SAMPLES}, MLflow run {result['run_id']}")
     return 0

@@ -1,4 +1,4 @@
-"""The diptych tensor contract (DESIGN §2), computed with diffusers' own ``FluxFillPipeline`` functions.
+"""The diptych tensor contract (docs/design.md §2), computed with diffusers' own ``FluxFillPipeline`` functions.
 
 From a PIL enhanced diptych ``[source | target]`` and its mask, through the pipeline's image and mask
 processors, its VAE shift/scale, ``_pack_latents``, ``prepare_mask_latents`` and

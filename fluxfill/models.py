@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import string
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -241,11 +244,23 @@ def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: t
 
 
 def load_component(cfg: ModelConfig, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """One component of the preset in ``cfg``, on ``device`` (weights frozen, eval mode)."""
+    """One component of the preset in ``cfg``, on ``device`` (weights frozen, eval mode).
+
+    The transformer is stored as ``model.quantize`` says: with quantisation on a GPU it is loaded on the host
+    and each linear layer reaches the GPU already quantised, so the GPU never holds the full-precision base.
+    """
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
     device = torch.device(device)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
+    if name == "transformer" and cfg.quantize != "none" and device.type != "meta":
+        transformer = _load(cfg, name, torch.device("cpu"), dtype)
+        quantize_base(transformer, cfg.quantize, device)
+        return transformer.to(device)
+    return _load(cfg, name, device, dtype)
+
+
+def _load(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
     if cfg.preset in ("tiny", "flux-fill-dev"):
         return _load_pretrained(cfg, name, device, dtype)
     # flux-fill-dev-random: the full architecture, random weights (seeded off meta)
@@ -257,6 +272,111 @@ def load_component(cfg: ModelConfig, name: str, device: str | torch.device = "cp
     if name == "image_processor":
         return image_processor(configs["image_encoder"]["image_size"])
     return _build(name, configs[name], device, dtype, seed=None if device.type == "meta" else 0)
+
+
+def image_encoder_checkpoint(cfg: ModelConfig) -> str | None:
+    """The checkpoint (hub id or folder) the preset's CLIP image encoder loads from; None when built in code.
+
+    The fusion module reads CLIP's text projection from it (:func:`clip_text_projection`). The tiny preset's is
+    the whole tiny ``CLIPModel`` (``fluxfill/weights/tiny/image_encoder``), so it carries one.
+    """
+    return _sources(cfg)[1] if cfg.preset in ("tiny", "flux-fill-dev") else None
+
+
+def clip_text_projection(source: str) -> torch.Tensor | None:
+    """CLIP's text projection ``[E, P]`` (``text_projection.weight``) from the checkpoint ``source``.
+
+    ``source`` is a hub id (found in the local Hugging Face cache; HF_HUB_OFFLINE is respected) or a folder
+    written by ``CLIPModel.save_pretrained``. None when the checkpoint carries no text projection (a vision-only
+    checkpoint) or holds no weights file here.
+    """
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
+
+    key = "text_projection.weight"
+    opts = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    file = cached_file(source, SAFE_WEIGHTS_NAME, **opts)
+    if file is None and (index := cached_file(source, SAFE_WEIGHTS_INDEX_NAME, **opts)):
+        shard = json.loads(Path(index).read_text())["weight_map"].get(key)
+        if shard is None:
+            return None
+        file = cached_file(source, shard, **opts)
+    if file is not None:
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(key).float() if key in f.keys() else None
+    if file := cached_file(source, WEIGHTS_NAME, **opts):
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return state[key].float() if key in state else None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- quantisation
+NF4_BLOCK = 64  # weights per NF4 scale (QLoRA's block size); the scales themselves in blocks of up to 256
+
+
+def _torchao(mode: str):
+    """``torchao.quantization``, imported quietly (on a CPU it logs that its CUDA kernels did not load)."""
+    quiet = logging.getLogger("torchao")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization as ao
+    except ImportError:
+        raise FluxfillError(f"model.quantize {mode} needs torchao: pip install 'fluxfill[quantize]' "
+                            "(or set model.quantize: none)") from None
+    finally:
+        quiet.setLevel(level)
+    return ao
+
+
+def quantize_base(module: torch.nn.Module, mode: str, device: str | torch.device | None = None) -> int:
+    """Store the frozen ``nn.Linear`` weights of ``module`` quantised with torchao, in place; returns how many.
+
+    ``int8``: int8 weights with one scale per output row; ``fp8``: float8 e4m3 weights, one scale per row;
+    ``nf4``: 4-bit NormalFloat in blocks of 64 (QLoRA's format). Weight-only: each matmul runs in the compute
+    dtype. Called before the LoRA is attached (peft then wraps the quantised layers). ``device``: each layer
+    moves there just before it is quantised.
+    """
+    if mode == "none":
+        return 0
+    if any("lora_" in name for name, _ in module.named_modules()):
+        raise ValueError("quantize_base: quantise the frozen base before attaching the LoRA")
+    ao = _torchao(mode)
+
+    def eligible(m: torch.nn.Module, _fqn: str = "") -> bool:
+        return isinstance(m, torch.nn.Linear) and (mode != "nf4" or m.weight.numel() % NF4_BLOCK == 0)
+
+    layers = [m for m in module.modules() if eligible(m)]
+    try:
+        if mode == "nf4":
+            for m in layers:
+                w = m.weight.detach().to(device or m.weight.device).contiguous()
+                scaler_block = math.gcd(256, w.numel() // NF4_BLOCK)  # the scales are quantised in blocks too
+                m.weight = torch.nn.Parameter(ao.to_nf4(w, NF4_BLOCK, scaler_block), requires_grad=False)
+                if m.bias is not None and device is not None:
+                    m.to(device)
+        else:
+            config = ao.Int8WeightOnlyConfig() if mode == "int8" else ao.Float8WeightOnlyConfig()
+            ao.quantize_(module, config, filter_fn=eligible, device=device)
+    except (RuntimeError, NotImplementedError, AssertionError, ImportError) as e:
+        where = f" on {torch.device(device).type}" if device is not None else ""
+        raise FluxfillError(f"model.quantize {mode}{where} failed in torchao: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                            "Try another model.quantize (int8 runs on any device) or none.") from None
+    return len(layers)
+
+
+def stored_bytes(module_or_tensor) -> int:
+    """Bytes the parameters and buffers occupy as stored (a quantised weight counts its data and scales)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    def size(t: torch.Tensor) -> int:
+        if is_traceable_wrapper_subclass(t):
+            return sum(size(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    if isinstance(module_or_tensor, torch.Tensor):
+        return size(module_or_tensor)
+    return sum(size(t) for t in (*module_or_tensor.parameters(), *module_or_tensor.buffers()))
 
 
 def load_pipeline(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -271,11 +391,6 @@ def load_pipeline(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: t
     pipe = FluxFillPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def max_sequence_length(cfg: ModelConfig) -> int:
-    """T5 tokens per prompt: ``model.max_sequence_length``."""
-    return cfg.max_sequence_length
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -295,7 +410,9 @@ def add_lora(transformer, cfg, adapter_name: str = "default"):
     if unmatched:
         raise FluxfillError(f"train.lora.target_modules {unmatched} match no module of the transformer")
     transformer.requires_grad_(False)
-    transformer.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                           init_lora_weights="gaussian", target_modules=list(cfg.target_modules)),
-                            adapter_name=adapter_name)
+    with warnings.catch_warnings():  # on a quantised base: peft warns that merging is unsupported (never merged)
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        transformer.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                               init_lora_weights="gaussian", target_modules=list(cfg.target_modules)),
+                                adapter_name=adapter_name)
     return transformer

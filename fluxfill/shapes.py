@@ -6,7 +6,7 @@ Each line is ``name: [d0, d1, ...]``. With --preset flux-fill-dev-random --devic
 12B architecture runs on the meta device: shapes only, no weights, no download.
 
 Examples:
-  fluxfill shapes                                   # the DESIGN table: batch 4, 512-px panels
+  fluxfill shapes                                   # the docs/design.md §2 table: batch 4, 512-px panels
   fluxfill shapes --batch 3 --panel-size 256
   fluxfill shapes --preset flux-fill-dev-random --device meta
 """

@@ -1,7 +1,7 @@
 """Print where to look after a run: the MLflow run and how to open it, the metrics, the sample grids.
 
-Reads what the stages left in the workspace (models/mlflow_run.json, metrics/*.json, eval/samples/);
-it changes nothing. `make run` ends with it.
+Reads what the stages left in the workspace (the reference to the MLflow run that trained the weights in
+train.output, metrics/*.json, eval/samples/); it changes nothing. `make run` ends with it.
 """
 
 from __future__ import annotations
@@ -9,34 +9,44 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .artifacts import EVAL_METRICS, EVAL_SAMPLES, TRAIN_METRICS, damaged
 from .config import Params
-from .tracking import RUN_REF_FILE, read_run_ref, sqlite_path
+from .tracking import read_run_ref, sqlite_path, ui_url
 
 
-def _metrics(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _metrics(path: Path, stage: str) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as e:
+        raise damaged(path, f"not a metrics file ({e})", stage) from None
+    if not isinstance(values, dict):
+        raise damaged(path, "not a metrics file (a JSON object is expected)", stage)
+    return values
 
 
 def summary_lines(params: Params) -> list[str]:
     lines = []
-    ref = read_run_ref(Path(params.train.output) / RUN_REF_FILE)
+    ref = read_run_ref(params.train.output)
     if ref:
         uri = ref["tracking_uri"]
         db = sqlite_path(uri)
-        ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then http://127.0.0.1:5000" if db
-              else f"{uri.rstrip('/')}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}")
+        page = ui_url("http://127.0.0.1:5000" if db else uri, ref["experiment_id"], ref["run_id"])
+        ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then {page}" if db else page
         lines += [f"MLflow run   {ref['run_id']} (experiment {params.tracking.experiment!r} at {uri})",
                   f"open it      {ui}",
                   "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]
     else:
-        lines.append(f"no trained model yet in {params.train.output}/: run `dvc repro` (or `make run`)")
-    train, evals = _metrics(Path("metrics/train.json")), _metrics(Path("metrics/eval.json"))
+        lines.append(f"no MLflow run known for the weights in {params.train.output}/ (none yet, or restored from "
+                     "DVC's cache): run `dvc repro` (or `make run`)")
+    train, evals = _metrics(Path(TRAIN_METRICS), "train"), _metrics(Path(EVAL_METRICS), "evaluate")
     if train or evals:
         lines.append("metrics      (dvc metrics show)")
         for name, value in {**train, **evals}.items():
             text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
             lines.append(f"  {name:<16} {text}")
-    grids = sorted(Path(params.eval.output, "samples").glob("*.png"))
+    grids = sorted(Path(params.eval.output, EVAL_SAMPLES).glob("*.png"))
     if grids:
         lines.append(f"sample grids ({len(grids)}; rows: reference | source | generated | target)")
         lines += [f"  {g}" for g in grids]

@@ -11,14 +11,18 @@ A stage that learns or measures does::
     with tracking.start_run(params) as run:          # checks the server, creates the experiment once
         mlflow.log_metrics({"loss": loss}, step=step)
         tracking.log_image(grid, f"step_{step:06d}")  # -> artifact samples/step_000020.png
-    tracking.write_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE, run)
+        tracking.write_run_ref(run, params.train.output)  # once the weights are written
 
-and a later stage logs into the same run::
+and a later stage logs into the run that trained the weights it finds::
 
     tracking.setup(params.tracking)
-    ref = tracking.read_run_ref(Path(params.train.output) / tracking.RUN_REF_FILE)
+    ref = tracking.read_run_ref(params.train.output)
     run_id = ref["run_id"] if ref and tracking.find_run(ref["run_id"]) else None
     with tracking.start_run(params, run_id=run_id): ...
+
+The run reference is not part of the weights (a DVC out holds no run id: two identical runs write identical
+bytes). It lives in ``.fluxfill/runs/<digest of the weights>.json`` (git-ignored, per workspace), so weights
+that DVC restores from its cache find the run that trained them, and weights no run here wrote find none.
 
 MLflow's fluent API keeps one active run per thread and is not thread-safe: log from the main
 process (rank 0) only. Call :func:`setup` once before starting parallel processes so that they do
@@ -28,11 +32,13 @@ not race to create the experiment.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +51,11 @@ from mlflow.environment_variables import MLFLOW_RUN_ID, MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.file_utils import path_to_local_sqlite_uri
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import __version__
+from .artifacts import RUN_REFS, damaged
 from .config import FluxfillError, Params, TrackingConfig, repo_root
 
 if TYPE_CHECKING:
@@ -56,9 +64,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
-RUN_REF_FILE = "mlflow_run.json"  # in train.output: the run that training logged, for evaluation to resume
+RUN_REF_FORMAT = 1  # the version of the run reference's layout
 ARTIFACTS_DIR = "mlartifacts"
 REACH_TIMEOUT_S = 5.0
+# The experiment tag from which MLflow's UI takes an experiment's kind (model training or GenAI) when its workflow
+# switch is off. In MLflow 3.17's UI the switch is on: the kind follows the switch (GenAI unless changed, kept in
+# the browser), which the ``workflowType`` query parameter of :func:`ui_url` sets.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"
+NAME_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l
+PARENT_RUN_ENV = "FLUXFILL_PARENT_RUN_ID"  # set by `fluxfill sweep`: a new run becomes a child of this run
+SWEEP_POINT_ENV = "FLUXFILL_SWEEP_POINT"  # set by `fluxfill sweep`: the point's overrides (JSON), as a tag
+OUTPUTS_TAG = "fluxfill.models_md5"  # the DVC hash of the models/ a training run wrote (finds a restored run's producer)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -157,7 +174,8 @@ def setup(cfg: TrackingConfig) -> str:
             folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.experiment)
             location = (db.parent / ARTIFACTS_DIR / folder).as_uri()
         try:
-            return client.create_experiment(cfg.experiment, artifact_location=location)
+            return client.create_experiment(cfg.experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -168,7 +186,34 @@ def setup(cfg: TrackingConfig) -> str:
             f"with `mlflow experiments restore --experiment-id {exp.experiment_id}` or set tracking.experiment "
             "to another name"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version; a kind someone chose stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of a run (or an experiment) at ``base``, in the model-training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{page}?{UI_WORKFLOW}"
+
+
+def default_run_name(params: Params, *parts: str) -> str:
+    """``tiny-learned-<parts>-k7q2``: preset, fusion mode, ``parts`` (training passes its steps and fingerprint)
+    and 4 random characters, drawn until no run of the experiment has the name (call :func:`setup` first).
+
+    The characters come from the OS (``secrets``), not from Python's ``random``, which training seeds: MLflow's
+    own generated names come from ``random`` and so repeated run after run.
+    """
+    import secrets
+
+    stem = "-".join([params.model.preset, params.fusion.mode, *parts])
+    exp = mlflow.MlflowClient().get_experiment_by_name(params.tracking.experiment)
+    for _ in range(20):
+        name = f"{stem}-{''.join(secrets.choice(NAME_ALPHABET) for _ in range(4))}"
+        if exp is None or not mlflow.MlflowClient().search_runs(
+                [exp.experiment_id], filter_string=f"attributes.run_name = '{name}'", max_results=1):
+            return name
+    raise FluxfillError(f"no unused run name {stem}-xxxx after 20 draws in experiment {params.tracking.experiment!r}")
 
 
 def _git(*args: str) -> str | None:
@@ -211,9 +256,14 @@ def run_tags(params: Params) -> dict[str, str]:
     """Tags linking a run to the code (git, in the cwd) and the data (``dvc.lock`` in the cwd).
 
     ``git.commit``, ``git.dirty`` (tracked files modified), ``dvc.data.prepared``, ``dvc.data.latents``,
-    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out.
+    ``preset``, ``device``, ``fluxfill.version``; a tag whose source is missing is left out. Under
+    ``fluxfill sweep`` also ``mlflow.parentRunId`` and ``fluxfill.sweep.point`` (from the environment).
     """
     tags = {"preset": params.model.preset, "device": _device(), "fluxfill.version": __version__}
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    if point := os.environ.get(SWEEP_POINT_ENV):
+        tags["fluxfill.sweep.point"] = point
     if commit := _git("rev-parse", "HEAD"):
         tags["git.commit"] = commit
         status = _git("status", "--porcelain", "--untracked-files=no")
@@ -239,8 +289,8 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Start an MLflow run in ``params.tracking.experiment``, or resume ``run_id`` (or ``$MLFLOW_RUN_ID``).
 
-    A fresh run gets :func:`run_tags` (``tags`` added on top), the name ``run_name`` or
-    ``params.tracking.run_name`` (None: MLflow picks one) and every setting of ``params`` as a
+    A fresh run gets :func:`run_tags` (``tags`` added on top), the name ``run_name``, else
+    ``params.tracking.run_name``, else :func:`default_run_name` (never MLflow's) and every setting of ``params`` as a
     flattened param (``train.lora.rank``). A resumed run gets only the params and tags it lacks;
     params whose value changed are reported in a warning (MLflow params cannot change). The run
     ends FINISHED, KILLED on Ctrl-C, FAILED when the block raises anything else.
@@ -249,7 +299,8 @@ def start_run(
     run_id = run_id or MLFLOW_RUN_ID.get()
     all_tags = {**run_tags(params), **(tags or {})}
     if run_id is None:
-        how = {"experiment_id": experiment_id, "run_name": run_name or params.tracking.run_name, "tags": all_tags}
+        name = run_name or params.tracking.run_name or default_run_name(params)
+        how = {"experiment_id": experiment_id, "run_name": name, "tags": all_tags}
     elif find_run(run_id) is None:
         raise FluxfillError(
             f"MLflow run {run_id} does not exist at {mlflow.get_tracking_uri()}; was it logged to another "
@@ -275,6 +326,30 @@ def start_run(
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # MLflow would mark it FAILED
             raise
+
+
+def log_history(rows: list[dict[str, Any]]) -> None:
+    """Log per-step rows ``{"step": 3, "loss": ..., ...}`` (a checkpoint's history) to the active run at once."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
+               if k != "step" and v is not None]
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
+def end_run_unfinished() -> None:
+    """End the active run as KILLED: stopped before its last step, to be continued by the next start."""
+    mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+
+
+def tag_outputs(out_dir: str | os.PathLike) -> str:
+    """Tag the active run with the DVC hash of ``out_dir`` (what ``dvc.lock`` will record); returns the hash."""
+    from .data import dvc_md5
+
+    md5 = dvc_md5(Path(out_dir))
+    mlflow.set_tag(OUTPUTS_TAG, md5)
+    return md5
 
 
 def find_run(run_id: str) -> Run | None:
@@ -305,23 +380,56 @@ def log_image(image: Image, name: str, folder: str = "samples") -> str:
     return artifact
 
 
-def write_run_ref(path: str | os.PathLike, run: mlflow.ActiveRun | Run) -> None:
-    """Write ``{"run_id", "experiment_id", "tracking_uri"}`` of ``run`` to ``path`` (JSON)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    ref = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
-    p.write_text(json.dumps(ref, indent=2) + "\n")
-
-
-def read_run_ref(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The reference :func:`write_run_ref` wrote, or None when ``path`` does not exist."""
-    p = Path(path)
-    if not p.exists():
+def models_digest(train_output: str | os.PathLike) -> str | None:
+    """sha256 over the relative names and contents of the files in ``train_output``; None when it holds none."""
+    root = Path(train_output)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files:
         return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def run_ref_path(train_output: str | os.PathLike, root: str | os.PathLike = ".") -> Path | None:
+    """Where the reference to the run that trained the weights in ``train_output`` lives; None without weights."""
+    digest = models_digest(train_output)
+    return None if digest is None else Path(root, RUN_REFS, f"{digest[:16]}.json")
+
+
+def write_run_ref(run: mlflow.ActiveRun | Run, train_output: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
+    """Record ``run`` as the run that trained the weights now in ``train_output``; returns the reference file."""
+    p = run_ref_path(train_output, root)
+    if p is None:
+        raise FluxfillError(f"{train_output} holds no files: write the weights before the run reference")
+    ref = {"format": RUN_REF_FORMAT, "models": models_digest(train_output), "run_id": run.info.run_id,
+           "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def read_run_ref(train_output: str | os.PathLike, root: str | os.PathLike = ".") -> dict[str, Any] | None:
+    """The reference :func:`write_run_ref` wrote for the weights now in ``train_output``; None when there is none.
+
+    A damaged file, one from another version of fluxfill or one naming other weights is refused (one line).
+    """
+    p = run_ref_path(train_output, root)
+    if p is None or not p.exists():
+        return None
+    fix = f"delete it (`rm {p}`: evaluation then logs to a new MLflow run) or rebuild it with `fluxfill train`"
     try:
         ref = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise FluxfillError(f"{p}: not a readable MLflow run reference ({e}); delete it or re-run `fluxfill train`") from None
-    if not isinstance(ref, dict) or not isinstance(ref.get("run_id"), str):
-        raise FluxfillError(f"{p}: no \"run_id\" in the MLflow run reference; delete it or re-run `fluxfill train`")
+        raise damaged(p, f"not a readable MLflow run reference ({e})", fix=fix) from None
+    if not isinstance(ref, dict) or ref.get("format") != RUN_REF_FORMAT or not all(
+            isinstance(ref.get(k), str) for k in ("run_id", "experiment_id", "tracking_uri", "models")):
+        raise damaged(p, f"an MLflow run reference from another version of fluxfill (format {RUN_REF_FORMAT} "
+                         "with run_id, experiment_id, tracking_uri and models expected)", fix=fix)
+    if ref["models"] != models_digest(train_output):
+        raise damaged(p, f"an MLflow run reference for other weights than those in {train_output}", fix=fix)
     return ref

@@ -48,7 +48,7 @@ def test_smoke_run_reports_every_figure(smoke):
     assert {"device_name", "torch", "diffusers", "peft", "cuda"} <= set(report["machine"])
     model = report["model"]
     assert (model["image_tokens"], model["text_tokens"], model["in_channels"]) == (512, 64, 384)
-    assert model["lora"]["rank"] == 32 and model["lora"]["trainable"] > 0 and model["fusion_trainable"] == 24 * 32 + 32 + 1
+    assert model["lora"]["rank"] == 32 and model["lora"]["trainable"] > 0 and model["fusion_trainable"] == 24 * 32 + 1  # W (no bias) and θ
     assert [r["name"] for r in report["results"]] == [
         "reference b1 ckpt=on compile=off", "ours b1 ckpt=on compile=off", "ours b1 ckpt=off compile=off"]
     for r in report["results"]:

@@ -33,6 +33,7 @@ def store(tmp_path_factory) -> str:
                 mlflow.log_metric("loss", loss, step=step)
                 if weights:
                     mlflow.log_metric("fusion_weight", weights[step], step=step)
+            mlflow.log_metric("val_loss", losses[-1] + 0.05, step=len(losses))
             if evals:
                 mlflow.log_metrics(evals, step=len(losses))
     for name in ("again-1", "again-2"):
@@ -60,12 +61,13 @@ def test_one_row_per_run_with_only_differing_params(store):
     table = compare_runs(TrackingConfig(tracking_uri=store, experiment="cmp"))
     assert table["run"].tolist() == ["fused-lr", "fused", "base"]  # newest first
     assert param_columns(table) == ["fusion.mode", "train.learning_rate"]
-    assert table["fusion.mode"].tolist() == ["pooled", "pooled", "none"]
+    assert table["fusion.mode"].tolist() == ["learned", "learned", "none"]
     assert table["train.learning_rate"].tolist() == ["0.0005", "0.001", "0.001"]
     assert table["loss"].tolist() == [0.35, 0.4, 0.6]  # the value at the last step
+    assert table["val_loss"].tolist() == pytest.approx([0.4, 0.45, 0.65])
     assert table["fusion_weight"].tolist()[:2] == [0.55, 0.6211] and math.isnan(table["fusion_weight"][2])
     assert list(table.columns) == [
-        "run", "started", "status", "fusion.mode", "train.learning_rate", "loss", "fusion_weight",
+        "run", "started", "status", "fusion.mode", "train.learning_rate", "loss", "val_loss", "fusion_weight",
         "psnr", "ssim", "run_id",
     ]
     assert (table["status"] == "FINISHED").all()
@@ -91,8 +93,8 @@ def test_markdown_and_table_are_rounded_and_blank_when_missing(env, capsys):
     assert rc == 0
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()]
     header, rule, body = rows[0], rows[1], rows[2:]
-    assert header == ["run", "started", "status", "fusion.mode", "train.learning_rate", "loss", "fusion_weight",
-                      "psnr", "ssim", "run_id"]
+    assert header == ["run", "started", "status", "fusion.mode", "train.learning_rate", "loss", "val_loss",
+                      "fusion_weight", "psnr", "ssim", "run_id"]
     assert set(rule) == {"---"}
     assert [dict(zip(header, r, strict=True))["fusion_weight"] for r in body] == ["0.55", "0.6211", ""]
     assert [dict(zip(header, r, strict=True))["psnr"] for r in body] == ["22.25", "", "20.5"]
@@ -122,7 +124,8 @@ def test_identical_params_are_reported(env, capsys):
     rc, out, err = compare(capsys, "--experiment", "same", "--format", "csv")
     assert rc == 0
     assert "all 2 runs have the same params" in err
-    assert pd.read_csv(io.StringIO(out)).columns.tolist() == ["run", "started", "status", "loss", "fusion_weight", "run_id"]
+    assert pd.read_csv(io.StringIO(out)).columns.tolist() == ["run", "started", "status", "loss", "val_loss",
+                                                                   "fusion_weight", "run_id"]
 
 
 def test_experiment_defaults_to_params(env, capsys, tmp_path):

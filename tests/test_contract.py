@@ -1,4 +1,4 @@
-"""The diptych tensor contract of DESIGN §2, on the tiny preset and on the full-size architecture (meta)."""
+"""The diptych tensor contract of docs/design.md §2, on the tiny preset and on the full-size architecture (meta)."""
 
 from __future__ import annotations
 
@@ -129,9 +129,20 @@ def test_mask_polarity_pixels_and_latents(tiny):
     grid = enc.mask_latents[0].reshape(4, 8, 256)
     assert grid[:, :4].eq(0).all() and grid[:, 4:].eq(1).all()
     assert target_token_mask(enc.mask_latents)[0].reshape(4, 8)[:, 4:].all()
-    # masked latents: the target half is the VAE code of the blanked (zero) image, identical everywhere
-    x_cond = enc.x_cond.reshape(1, 4, 8, 320)
-    assert x_cond.shape[-1] == 320
+    # masked latents: diffusers' VAE code (posterior mode) of diptych * (1 - mask), shifted, scaled and packed,
+    # computed here from the PIL images without fluxfill's encoder
+    vae = tiny["vae"]
+    pixels = np.asarray(panels[0].diptych, dtype=np.float32) / 127.5 - 1  # [64, 128, 3] in [-1, 1]
+    keep = 1 - np.asarray(panels[0].mask, dtype=np.float32)[..., None] / 255  # [64, 128, 1] 1 over the source
+    blanked = torch.from_numpy(pixels * keep).permute(2, 0, 1)[None]  # [1, 3, 64, 128]
+    with torch.no_grad():
+        z = vae.encode(blanked).latent_dist.mode()  # [1, 16, 8, 16]
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    expected = z.reshape(1, 16, 4, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 32, 64)  # [1, N, 16*2*2]
+    torch.testing.assert_close(enc.masked_latents, expected, rtol=1e-3, atol=2e-4)  # batched vs single VAE call
+    # and its target half differs from the unmasked diptych's code there: the blanking reached the VAE
+    target = target_token_mask(enc.mask_latents)[0]  # [32]
+    assert (enc.masked_latents[0, target] - enc.x_0[0, target]).abs().max() > 1e-2
 
 
 def test_bad_panel_size_and_mask_mismatch_messages(tiny):
@@ -164,7 +175,7 @@ def test_training_steps_lower_loss_and_move_alpha(tiny_cfg, tiny):
     batch = dict(x_0=enc.x_0, masked_latents=enc.masked_latents, mask_latents=enc.mask_latents,
                  prompt_embeds=emb, pooled_prompt_embeds=pooled, image_embeds=image_embeds,
                  img_ids=enc.img_ids, txt_ids=ids)
-    fusion = SemanticFusion("pooled", 32, image_embeds.shape[-1], init=0.25)
+    fusion = SemanticFusion("learned", 32, image_embeds.shape[-1], init=0.25)
     opt = torch.optim.AdamW([*transformer.parameters(), *fusion.parameters()], lr=3e-3)
 
     def loss_at_fixed_noise():
@@ -184,10 +195,11 @@ def test_training_steps_lower_loss_and_move_alpha(tiny_cfg, tiny):
 
 
 def test_fusion_modes_and_roundtrip(tmp_path):
-    f = SemanticFusion("pooled", 8, 6, init=0.6211)
+    f = SemanticFusion("learned", 8, 6, init=0.6211)
     assert f.alpha.item() == pytest.approx(0.6211, abs=1e-6)
     pooled, e = torch.randn(3, 8), torch.randn(3, 6)
-    expected = (1 - 0.6211) * pooled + 0.6211 * f.proj(e)
+    r = f.proj(e)
+    expected = (1 - 0.6211) * pooled + 0.6211 * r * pooled.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True)
     torch.testing.assert_close(f(pooled, e), expected, atol=1e-5, rtol=1e-5)
     f.save(tmp_path / "fusion.safetensors")
     g = SemanticFusion.load(tmp_path / "fusion.safetensors")
@@ -197,7 +209,7 @@ def test_fusion_modes_and_roundtrip(tmp_path):
     none.save(tmp_path / "none.safetensors")
     assert SemanticFusion.load(tmp_path / "none.safetensors").mode == "none"
     with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
-        SemanticFusion("pooled", 8, 6, init=1.0)
+        SemanticFusion("learned", 8, 6, init=1.0)
 
 
 def test_loss_region_target_uses_only_target_tokens(tiny_cfg, tiny):

@@ -9,23 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from fluxfill.cli import main
 from fluxfill.config import DataConfig, FluxfillError
 from fluxfill.data import (
     DEMO_PHOTOS,
+    LOOKS,
     MANIFEST_COLUMNS,
+    apply_look,
     assign_splits,
     collect,
-    data_version,
+    dvc_md5,
     prepare,
     read_manifest,
 )
 
 PANEL = 64
-PROMPT = DataConfig().prompt_template.format(instruction=DataConfig().instruction)
+PROMPT = DataConfig().prompt_template.format(instruction="it is well exposed, sharp and free of noise")
 
 
 def save(path: Path, color=(0, 0, 0), size=(80, 80), mode="RGB") -> Path:
@@ -64,7 +65,7 @@ def png_chunks(data: bytes) -> list[str]:
 
 def check_manifest(out: Path) -> list[dict[str, str]]:
     """Manifest rows match the files one to one, with their sha256 and the triptych size."""
-    rows = read_manifest(out)
+    rows = read_manifest(out).to_dict("records")
     assert rows and list(rows[0]) == list(MANIFEST_COLUMNS)
     assert sorted(p.name for p in out.iterdir()) == sorted([r["file"] for r in rows] + ["manifest.csv"])
     for r in rows:
@@ -103,6 +104,43 @@ def test_demo_source(tmp_path):
     # same params, same bytes
     again = prepare(cfg.model_copy(update={"output": str(tmp_path / "again")}))
     assert snapshot(again.path) == snapshot(result.path)
+
+
+def test_tint_target_is_the_source_under_the_look_the_reference_shows(tmp_path):
+    cfg = DataConfig(panel_size=32, output=str(tmp_path / "out"), demo_task="tint")
+    rows = {r["id"]: r for r in check_manifest(prepare(cfg).path)}
+    assert set(rows) == set(DEMO_PHOTOS)
+    prompts = {r["prompt"] for r in rows.values()}
+    assert prompts == {DataConfig().prompt_template.format(
+        instruction="its colours are graded with the same look as the reference photo")}  # the look is not named
+
+    def panels(sid):
+        with Image.open(tmp_path / "out" / f"{sid}.png") as img:
+            return [img.crop((i * 32, 0, (i + 1) * 32, 32)).convert("RGB") for i in range(3)]  # ref, source, target
+
+    def px(img):
+        return np.asarray(img, dtype=np.int16)
+
+    looks_used = set()
+    for sid, r in rows.items():
+        look = r["target"].removeprefix(f"skimage:{sid}#look=")
+        other = r["reference"].removeprefix("skimage:").split("#look=")
+        assert r["source"] == f"skimage:{sid}" and look in LOOKS and other[1] == look and other[0] != sid
+        looks_used.add(look)
+        reference, source, target = panels(sid)
+        assert np.array_equal(px(apply_look(source, look)), px(target))  # target = look(source), pixel for pixel
+        assert np.abs(px(target) - px(source)).mean() > 4  # and the look is visible
+        for wrong in set(LOOKS) - {look}:  # no other look explains the pair
+            assert not np.array_equal(px(apply_look(source, wrong)), px(target))
+        if other[0] in rows:  # the reference is the other photo under the same look
+            other_source = panels(other[0])[1]
+            assert np.array_equal(px(apply_look(other_source, look)), px(reference))
+            assert np.abs(px(reference) - px(other_source)).mean() > 4
+        assert rows[other[0]]["split"] == "train"  # no val photo leaks into training through a reference
+    assert len(looks_used) >= 4  # the look varies: without the reference the edit is ambiguous
+    enhance = read_manifest(prepare(DataConfig(panel_size=32, output=str(tmp_path / "e"))).path).set_index("id")
+    enhance = enhance.to_dict("index")
+    assert enhance["coffee"]["source"] == "skimage:coffee#degraded"  # enhance is still there, and the default
 
 
 def test_folder_source(tmp_path):
@@ -414,28 +452,13 @@ def test_cli_check_prepare_and_errors(tmp_path, monkeypatch, capsys):
     assert len(read_manifest("data/prepared")) == 4
 
 
-# ------------------------------------------------------------------------------------------ data version
+# ------------------------------------------------------------------------------------------ DVC hash
 
 
-def test_data_version(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("{}\n")  # marks the repo root
+def test_dvc_md5_is_what_dvc_records(tmp_path):
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
     (d / "a.txt").write_bytes(b"hello\n")
     (d / "sub" / "b.bin").write_bytes(b"x")
-    computed = "eaf8a86d902a6817a4a031e3cbd7c606.dir"  # what `dvc add d` (DVC 3.67) records for this folder
-    assert data_version("d") == computed
-    assert data_version("d/a.txt") == hashlib.md5(b"hello\n").hexdigest()
-    assert data_version("missing") is None
-
-    lock = {"schema": "2.0", "stages": {"prepare": {"cmd": "x", "outs": [
-        {"path": "d", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 7, "nfiles": 2}]}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert data_version("d") == data_version(d) == "0123456789abcdef0123456789abcdef.dir"  # as recorded
-    (d / "c.txt").write_text("new")
-    assert data_version("d") not in (computed, "0123456789abcdef0123456789abcdef.dir")  # stale lock: recomputed
-    for f in sorted(d.rglob("*"), reverse=True):
-        f.rmdir() if f.is_dir() else f.unlink()
-    d.rmdir()
-    assert data_version("d") == "0123456789abcdef0123456789abcdef.dir"  # not checked out: the record
+    assert dvc_md5(d) == "eaf8a86d902a6817a4a031e3cbd7c606.dir"  # what `dvc add d` (DVC 3.67) records for this folder
+    assert dvc_md5(d / "a.txt") == hashlib.md5(b"hello\n").hexdigest()

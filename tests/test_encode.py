@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import make_prepared
 from PIL import Image
 
-from bench.common import make_prepared
 from fluxfill.config import FluxfillError, validate
 from fluxfill.encode import GEOMETRY, META, LatentCache, encode, settings
 from fluxfill.fusion import SemanticFusion
@@ -51,7 +51,7 @@ def test_cache_shapes_and_collate(cache):
     assert list(batch["x_0"].shape) == [3, n, 64] and list(batch["mask_latents"].shape) == [1, n, 256]
     assert list(batch["img_ids"].shape) == [n, 3] and list(batch["txt_ids"].shape) == [16, 3]
     assert batch["ids"] == ["s001", "s002", "s003"]
-    out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("pooled", 32, 24),
+    out_step = flow_matching_step(_tiny_transformer(), SemanticFusion("learned", 32, 24),
                                   batch)
     assert list(out_step.hidden_states.shape) == [3, n, 384]
 
@@ -131,3 +131,69 @@ def test_panel_size_mismatch_with_prepared(tmp_path):
                        "encode": {"output": str(tmp_path / "latents")}})
     with pytest.raises(FluxfillError, match=r"holds 32-px panels but data.panel_size is 64"):
         encode(params, device="cpu")
+
+
+def test_encode_deletes_only_its_own_stale_shards(cache):
+    params, _, out = cache
+    (out / "text-00009.safetensors").write_bytes(b"a shard of a larger dataset")  # stale: this stage's name
+    (out / "weights.safetensors").write_bytes(b"someone's weights")
+    (out / "notes-00001.safetensors").write_bytes(b"not a phase")
+    assert encode(params, device="cpu")["written"] == []
+    assert not (out / "text-00009.safetensors").exists()
+    assert (out / "weights.safetensors").read_bytes() == b"someone's weights"
+    assert (out / "notes-00001.safetensors").exists()
+
+
+def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypatch):
+    """Weak references to every model encode loads: when a family loads, no model of an earlier family lives."""
+    import gc
+    import weakref
+
+    from fluxfill import encode as encode_module
+
+    families = {"text_encoder": "text", "text_encoder_2": "text", "vae": "vae", "image_encoder": "vision"}
+    loaded: list[tuple[str, weakref.ref]] = []
+    alive_at_load: dict[str, list[str]] = {}
+    real = encode_module.load_component
+    gc_calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: gc_calls.append(a) or 0)  # release must not need a collection
+
+    def load_component(cfg, name, *args, **kwargs):
+        if name in families:
+            alive_at_load[name] = sorted({n for n, ref in loaded if ref() is not None and families[n] != families[name]})
+        module = real(cfg, name, *args, **kwargs)
+        if name in families:
+            loaded.append((name, weakref.ref(module)))
+        return module
+
+    monkeypatch.setattr(encode_module, "load_component", load_component)
+    make_prepared(tmp_path / "prepared", 3, PANEL)
+    assert encode(params_for(tmp_path), device="cpu")["complete"]
+    assert alive_at_load == {"text_encoder": [], "text_encoder_2": [], "vae": [], "image_encoder": []}
+    assert [n for n, ref in loaded if ref() is not None] == [] and gc_calls == []
+
+
+def test_missing_geometry_alone_is_rebuilt_identically(cache):
+    params, _, out = cache
+    before = (out / GEOMETRY).read_bytes()
+    (out / GEOMETRY).unlink()
+    again = encode(params, device="cpu")
+    assert again["written"] == [] and (out / GEOMETRY).read_bytes() == before
+
+
+def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):
+    from fluxfill import encode as encode_module
+
+    real, calls = encode_module._save_atomic, []
+
+    def failing(tensors, path, metadata):
+        calls.append(path.name)
+        if path.name == "vae-00001.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(encode_module, "_save_atomic", failing)
+    make_prepared(tmp_path / "prepared", 5, PANEL)
+    with pytest.raises(OSError, match="No space left on device"):
+        encode(params_for(tmp_path), device="cpu")
+    assert not (tmp_path / "latents" / META).exists() and not (tmp_path / "latents" / "vision-00000.safetensors").exists()

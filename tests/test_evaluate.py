@@ -11,19 +11,21 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import FluxFillPipeline
+from helpers import make_prepared
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from bench.common import make_prepared
+from fluxfill import tracking
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
 from fluxfill.encode import LatentCache, encode
-from fluxfill.evaluate import PSNR_CAP, check_lora, generate, psnr, sample_grid, ssim
+from fluxfill.evaluate import PSNR_CAP, psnr, ssim
 from fluxfill.fusion import SemanticFusion
 from fluxfill.latents import encode_prompts
 from fluxfill.models import add_lora, load_component, load_pipeline
 from fluxfill.objective import flow_matching_step
 from fluxfill.panels import panels_from_triptych
+from fluxfill.sampling import check_lora, generate, sample_grid
 
 PANEL = 32
 MSL = 16  # T5 tokens
@@ -55,7 +57,7 @@ def save_lora(transformer, folder, metadata=True):
 
 def fusion_module(init=0.3):
     torch.manual_seed(3)
-    return SemanticFusion("pooled", 32, 24, init=init)
+    return SemanticFusion("learned", 32, 24, init=init)
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -192,7 +194,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_cfg, monkeypatch, caplog):
     run_id = client.create_run(exp).info.run_id
     client.log_metric(run_id, "loss", 0.5)
     client.set_terminated(run_id)
-    (models / "mlflow_run.json").write_text(json.dumps({"run_id": run_id, "experiment_id": exp, "tracking_uri": uri}))
+    tracking.write_run_ref(client.get_run(run_id), models)
 
     caplog.set_level(logging.INFO, logger="fluxfill.evaluate")
     assert main(["evaluate", "--device", "cpu"]) == 0
@@ -247,3 +249,23 @@ def test_generate_with_lora_and_fusion_on_cuda_bf16(tmp_path, tiny_cfg):
         assert t.shape == (PANEL, PANEL, 3) and t.std() > 1  # a picture, not a constant
         assert np.abs(t - a).max() <= 1  # seeded: the same answer twice
         assert np.abs(t - b).mean() > 5
+
+
+def test_train_does_not_import_the_evaluate_stage():
+    """Generation lives in fluxfill.sampling: training (its sample grids) never loads the evaluate stage."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "fluxfill"
+
+    def reachable(module: str, seen: set[str]) -> set[str]:  # fluxfill modules imported, directly or not
+        seen.add(module)
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for name in [node.module] if node.module else [a.name for a in node.names]:
+                    if name not in seen and (package / f"{name}.py").exists():
+                        reachable(name, seen)
+        return seen
+
+    found = reachable("train", set())
+    assert "sampling" in found and "registry" in found and "evaluate" not in found

@@ -22,36 +22,18 @@ import yaml
 
 from flows import workspace
 from fluxfill.config import ConfigError, load_params
+from fluxfill.tracking import read_run_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for the whole chain in seconds per stage on a CPU
-SMALL = {"data.panel_size": 64, "model.max_sequence_length": 32, "encode.shard_size": 8, "train.max_steps": 2,
-         "train.checkpoint_every": 0, "eval.num_inference_steps": 1, "eval.max_samples": 2}
-
-
-def _copy_repo(dest: Path) -> Path:
-    """The checkout's tracked files (as they are on disk) in ``dest``, committed in a fresh git repo.
-
-    Untracked files stay behind: a local dvc.lock, mlflow.db or data/ would make the copy depend on
-    what ran in this checkout before.
-    """
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
-    git = ["git", "-c", "user.name=fluxfill", "-c", "user.email=fluxfill@localhost", "-c", "commit.gpgsign=false"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "copy"], cwd=dest, check=True)
-    return dest
+SMALL = {"data.panel_size": 64, "model.max_sequence_length": 32, "encode.shard_size": 8, "train.max_steps": 3,
+         "train.checkpoint_every": 2, "eval.num_inference_steps": 1, "eval.max_samples": 2}
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch) -> Path:
+def repo(repo_copy, monkeypatch) -> Path:
     """A repository copy as the working directory; its own code and MLflow database for the stages."""
-    r = _copy_repo(tmp_path / "repo")
+    r = repo_copy
     monkeypatch.chdir(r)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(r), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{r}/mlflow.db")
@@ -119,7 +101,7 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     assert params.read_text() == original
 
     changed = workspace.write_params(params, {"train.max_steps": 7, "fusion.mode": "none", "tracking.run_name": "a: b"})
-    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("pooled", "none"),
+    assert changed == {"train.max_steps": (current.train.max_steps, 7), "fusion.mode": ("learned", "none"),
                        "tracking.run_name": (None, "a: b")}
     p = load_params(params)
     assert (p.train.max_steps, p.fusion.mode, p.tracking.run_name) == (7, "none", "a: b")
@@ -129,14 +111,14 @@ def test_overrides_are_flattened_validated_and_written_keeping_comments(tmp_path
     before, after = original.splitlines(), params.read_text().splitlines()
     assert len(before) == len(after)
     diff = {b: a for b, a in zip(before, after, strict=True) if a != b}
-    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (baseline, no reference) | pooled",
+    assert set(diff.values()) == {"  max_steps: 7", "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)",
                                   "  run_name: 'a: b'"}
 
     # a list goes through ruamel's round trip: comments and `null` kept, the value replaced
     workspace.write_params(params, {"train.lora.target_modules": ["x_embedder", "attn.to_q"]})
     text = params.read_text()
     assert load_params(params).train.lora.target_modules == ["x_embedder", "attn.to_q"]
-    assert "  mode: none                # none (baseline, no reference) | pooled" in text
+    assert "  mode: none                # none (no reference) | fixed (alpha stays at init, W trained) | learned (alpha and W trained)" in text
     assert "  tracking_uri: null        # null: $MLFLOW_TRACKING_URI" in text
     assert text.splitlines()[0].startswith("# Every knob of the pipeline")
     assert yaml.safe_load(text)["data"] == yaml.safe_load(original)["data"]
@@ -161,7 +143,7 @@ def test_summary_and_mlflow_address():
 
     info = {"run_id": "r1", "run_name": "baseline", "experiment_id": "3", "status": "FINISHED",
             "tracking_uri": "http://mlflow:5000/"}
-    assert mlflow_ui_url(info) == "http://mlflow:5000/#/experiments/3/runs/r1"
+    assert mlflow_ui_url(info) == "http://mlflow:5000/#/experiments/3/runs/r1?workflowType=machine_learning"
     local = {**info, "tracking_uri": "sqlite:////repo/mlflow.db"}
     assert mlflow_ui_url(local) is None
     runs = [StageRun("prepare", "up to date"), StageRun("train", "ran", 12.25, ["changed deps: params.yaml"])]
@@ -171,7 +153,8 @@ def test_summary_and_mlflow_address():
     assert "| prepare | up to date | 0.0 | - |" in md and "| train | ran | 12.2 | changed deps: params.yaml |" in md
     assert "`train.max_steps: 50` (was `60`)" in md
     assert "final loss 0.5123, final α 0.6211" in md and "(metrics/eval.json): psnr 21.5" in md
-    assert "mlflow ui --backend-store-uri sqlite:////repo/mlflow.db" in md and "#/experiments/3/runs/r1" in md
+    assert "mlflow ui --backend-store-uri sqlite:////repo/mlflow.db" in md
+    assert "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning" in md
     baseline = {"metrics/train.json": {"stage": "train", "values": {"loss": 0.5, "fusion_weight": None}}}
     assert "final α none (fusion.mode none)" in summary_markdown(runs, {}, baseline, None, [], failure="boom")
     assert summary_markdown(runs, {}, {}, None, [], failure="boom").startswith("# train-diptych: failed")
@@ -185,7 +168,8 @@ def test_prefect_yaml_deployments_load_their_flows():
     for d in config["deployments"]:
         path, _, func = d["entrypoint"].partition(":")
         names[f"{load_flow_from_entrypoint(str(ROOT / path) + ':' + func).name}/{d['name']}"] = d["work_pool"]["name"]
-    assert names == {"train-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu"}
+    assert names == {"train-diptych/gpu": "gpu", "sweep-diptych/gpu": "gpu", "train/gpu": "gpu", "evaluate/gpu": "gpu",
+                     "edit-batch/gpu": "gpu"}
 
 
 def test_serve_refuses_to_start_without_a_server(capsys):
@@ -207,7 +191,7 @@ def test_invalid_override_is_rejected_before_anything_runs(repo, harness):
     state = train_diptych(overrides={"train.max_steps": 0, "fusion.mode": "both"}, return_state=True)
     assert state.is_failed()
     assert "train.max_steps: Input should be greater than or equal to 1 (got 0)" in state.message
-    assert "fusion.mode: Input should be 'none' or 'pooled' (got 'both')" in state.message
+    assert "fusion.mode: Input should be 'none', 'fixed' or 'learned' (got 'both')" in state.message
     assert ((repo / "params.yaml").read_bytes(), lock.read_bytes() if lock.exists() else None) == before
     assert not (repo / "data" / "prepared").exists()
 
@@ -219,7 +203,7 @@ def test_failing_stage_fails_the_flow_run_and_keeps_earlier_outputs(repo, harnes
     assert done["stage"] == "prepare" and done["status"] == "ran"
     manifest = (repo / "data/prepared/manifest.csv").read_bytes()
     lock = (repo / "dvc.lock").read_bytes()
-    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data"]["panel_size"] == 64
+    assert yaml.safe_load(lock)["stages"]["prepare"]["params"]["params.yaml"]["data.panel_size"] == 64
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -279,8 +263,8 @@ def _wait_for(check, timeout: float, what: str, logs: list[Path]) -> None:
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
+    repo = repo_copy
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
@@ -308,16 +292,18 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         _wait_for(healthy, 180, "the Prefect server did not answer /api/health", [server_log])
         serve = _start([sys.executable, "-m", "flows.serve"], repo, env, serve_log)
 
-        def served() -> bool:
+        def served(name: str = "train-diptych/local") -> bool:
             try:
-                with urllib.request.urlopen(f"{api}/deployments/name/train-diptych/local", timeout=2) as r:
+                with urllib.request.urlopen(f"{api}/deployments/name/{name}", timeout=2) as r:
                     return r.status == 200
             except OSError:
                 return False
 
         _wait_for(served, 120, "python -m flows.serve did not create train-diptych/local", [serve_log])
+        _wait_for(lambda: served("sweep-diptych/local"), 60, "python -m flows.serve did not create "
+                  "sweep-diptych/local beside train-diptych/local", [serve_log])
 
-        overrides = {**SMALL, "fusion.init": 0.3}
+        overrides = {**SMALL, "fusion.init": 0.3, "train.num_processes": 2}  # training: 2 gloo workers
         run = subprocess.run(
             [str(bindir / "prefect"), "deployment", "run", "train-diptych/local", "-p",
              f"overrides={json.dumps(overrides)}", "-p", "run_name=ci-served", "--watch", "--watch-timeout", "600"],
@@ -329,7 +315,8 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
 
         # the overrides are in params.yaml and dvc.lock; `dvc repro` has nothing left to do
         params = load_params(repo / "params.yaml")
-        assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (2, 0.3, "ci-served")
+        assert (params.train.max_steps, params.fusion.init, params.tracking.run_name) == (3, 0.3, "ci-served")
+        assert params.train.num_processes == 2
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
                                 capture_output=True, text=True, check=True)
         assert json.loads(status.stdout) == {}
@@ -340,14 +327,15 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
         # a new MLflow run, named by run_name, with the override among its params and a fusion_weight history
         from mlflow.tracking import MlflowClient
 
-        ref = json.loads((repo / "models/mlflow_run.json").read_text())
+        ref = read_run_ref(repo / "models", repo)
         client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
         mlrun = client.get_run(ref["run_id"])
         assert mlrun.info.run_name == "ci-served" and mlrun.info.status == "FINISHED"
-        assert mlrun.data.params["train.max_steps"] == "2" and mlrun.data.params["fusion.init"] == "0.3"
+        assert mlrun.data.params["train.max_steps"] == "3" and mlrun.data.params["fusion.init"] == "0.3"
+        assert mlrun.data.tags["accelerate.world_size"] == "2" and mlrun.data.params["train.num_processes"] == "2"
         assert json.loads(mlrun.data.tags["fluxfill.overrides"])["fusion.init"] == 0.3
         history = client.get_metric_history(ref["run_id"], "fusion_weight")
-        assert [m.step for m in history] == [1, 2] or len(history) == 2
+        assert [m.step for m in history] == [1, 2, 3]
         assert all(0 < m.value < 1 for m in history)
 
         # the Prefect artifacts of the flow run
@@ -359,6 +347,8 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
                 runs = pc.read_flow_runs()
             flow_run = next(r for r in runs if r.parameters.get("run_name") == "ci-served")
             assert flow_run.state.is_completed()
+            version = client.get_model_version("fluxfill-diptych", "1")  # the version training registered
+            assert version.run_id == ref["run_id"] and version.tags["prefect.flow_run_id"] == str(flow_run.id)
             arts = _artifacts(flow_run.id)
             assert {"train-diptych-summary", "train-diptych-metrics", "mlflow-run"} <= set(arts)
             summary = arts["train-diptych-summary"].data
@@ -366,6 +356,7 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
                 assert f"| {stage} | ran |" in summary
             train_metrics = json.loads((repo / "metrics/train.json").read_text())
             assert f"final α {train_metrics['fusion_weight']:.4g}" in summary
+            assert "**Model version**: `fluxfill-diptych` version 1 (`models:/fluxfill-diptych/1`;" in summary
             assert "mlflow ui --backend-store-uri" in arts["mlflow-run"].data
             assert ref["run_id"] in arts["mlflow-run"].data
             rows = arts["train-diptych-metrics"].data
@@ -381,7 +372,62 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path):
             summary = _artifacts(again.id)["train-diptych-summary"].data
             for stage in ("prepare", "encode", "train", "evaluate"):
                 assert f"| {stage} | up to date |" in summary
-        assert len(client.search_runs([ref["experiment_id"]])) == 1
+            assert len(client.search_runs([ref["experiment_id"]])) == 1
+
+            # fewer steps than the checkpoint the first run left (step 2): a new run of exactly 1 step, from step 0
+            shorter = run_deployment("train-diptych/local", timeout=300, parameters={
+                "overrides": {**overrides, "train.max_steps": 1, "tracking.run_name": None}})
+            assert shorter.state.is_completed(), shorter.state
+            summary = _artifacts(shorter.id)["train-diptych-summary"].data
+            assert "| encode | up to date |" in summary and "| train | ran |" in summary
+        assert list((repo / "checkpoints").glob("*/checkpoint-000002"))
+        train_metrics = json.loads((repo / "metrics/train.json").read_text())
+        assert train_metrics["steps"] == 1 and 0 < train_metrics["loss"] < 10
+        new_ref = read_run_ref(repo / "models", repo)
+        assert new_ref["run_id"] != ref["run_id"] and len(client.search_runs([ref["experiment_id"]])) == 2
+        new_run = client.get_run(new_ref["run_id"])
+        assert new_run.info.status == "FINISHED" and new_run.data.params["train.max_steps"] == "1"
+        assert new_run.info.run_name.startswith("tiny-learned-1steps-")
+        assert [m.step for m in client.get_metric_history(new_ref["run_id"], "loss")] == [1]
+        assert [m.step for m in client.get_metric_history(ref["run_id"], "loss")] == [1, 2, 3]  # not appended to
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
+                                capture_output=True, text=True, check=True)
+        assert json.loads(status.stdout) == {}
     finally:
         _stop(serve)
         _stop(server)
+
+
+# ------------------------------------------------------------------------------------------- edit-batch
+def test_edit_batch_flow_edits_a_folder_and_is_served(tmp_path, monkeypatch, harness, model_dir):
+    import numpy as np
+    from PIL import Image
+
+    from flows.edit import edit_batch
+    from flows.serve import deployments
+
+    assert sorted(d.flow_name for d in deployments()) == [
+        "edit-batch", "encode-latents", "evaluate", "prepare-data", "sweep-diptych", "train", "train-diptych"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("eval: {num_inference_steps: 1}\n")  # the repository root
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"a.png": (451, 300), "b.jpg": (30, 50)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / name)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), reference="ref.png", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["written"] == [str(tmp_path / "edited" / "a.png"), str(tmp_path / "edited" / "b.png")]
+    assert result["model"] == str(model_dir) and abs(result["alpha"] - 0.3) < 1e-6
+    assert [Image.open(p).size for p in result["written"]] == [(451, 300), (30, 50)]
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "2 image(s) from `photos` into `edited`" in arts["edit-batch-summary"].data
+    assert "fusion weight α: 0.3000" in arts["edit-batch-summary"].data
+    rows = arts["edit-batch-outputs"].data
+    assert (json.loads(rows) if isinstance(rows, str) else rows) == [{"output": p} for p in result["written"]]
+
+    state = edit_batch(source="photos", out="edited", model=str(model_dir), return_state=True)  # outputs exist
+    assert state.is_failed()
+    assert "edit found 2 problem(s) (nothing written)" in state.message and "edited/a.png exists" in state.message

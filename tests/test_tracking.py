@@ -166,6 +166,23 @@ def test_setup_creates_the_experiment_once_with_local_artifacts(store, monkeypat
     assert len(calls) == 2
 
 
+def test_experiment_opens_in_the_model_training_view(store):
+    made = mlflow.get_experiment(tracking.setup(TrackingConfig(tracking_uri=store, experiment="kind new")))
+    assert made.tags["mlflow.experimentKind"] == "custom_model_development"
+    client = mlflow.MlflowClient()
+    older = client.create_experiment("kind older")  # made before fluxfill set the kind
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    tracking.setup(TrackingConfig(tracking_uri=store, experiment="kind older"))
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("kind chosen", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.setup(TrackingConfig(tracking_uri=store, experiment="kind chosen"))
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"  # kept
+    # MLflow 3.17's UI takes the view from the page address
+    assert tracking.ui_url("http://127.0.0.1:5000/", "3", "r1") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning"
+    assert tracking.ui_url("http://h:5000", "3") == "http://h:5000/#/experiments/3?workflowType=machine_learning"
+
+
 def test_deleted_experiment_is_reported(store):
     cfg = TrackingConfig(tracking_uri=store, experiment="gone")
     mlflow.delete_experiment(tracking.setup(cfg))
@@ -274,6 +291,32 @@ def test_start_run_logs_flat_params_tags_metrics_and_resumes(store, caplog):
     assert "eval.num_inference_steps='8'->'4'" in caplog.text
 
 
+def test_default_run_names_say_what_ran_and_never_repeat(store, monkeypatch):
+    import random
+    import secrets
+
+    params = make_params(store, experiment="names", fusion={"mode": "none"})
+    tracking.setup(params.tracking)
+    names = []
+    for _ in range(3):
+        random.seed(0)  # training seeds Python's random: MLflow's own names then came out the same every run
+        with tracking.start_run(params) as run:
+            pass
+        names.append(tracking.find_run(run.info.run_id).info.run_name)
+    assert len(set(names)) == 3 and all(re.fullmatch(r"tiny-none-[a-z2-9]{4}", n) for n in names), names
+    assert re.fullmatch(r"tiny-none-40steps-3f2a9c-[a-z2-9]{4}", tracking.default_run_name(params, "40steps", "3f2a9c"))
+
+    # a drawn name that a run of the experiment already has is drawn again
+    draws = iter(names[0].split("-")[-1] + "zzzz")
+    monkeypatch.setattr(secrets, "choice", lambda alphabet: next(draws))
+    assert tracking.default_run_name(params) == "tiny-none-zzzz"
+    # an explicit name still wins
+    mine = Params.model_validate({"tracking": {"tracking_uri": store, "experiment": "names", "run_name": "mine"}})
+    with tracking.start_run(mine) as run:
+        pass
+    assert tracking.find_run(run.info.run_id).info.run_name == "mine"
+
+
 def test_failed_or_interrupted_block_marks_the_run(store):
     with pytest.raises(RuntimeError, match="boom"), tracking.start_run(make_params(store)) as run:
         raise RuntimeError("boom")
@@ -312,16 +355,41 @@ def test_log_image_writes_a_flat_readable_artifact(store):
 def test_run_ref_round_trip(store, tmp_path):
     with tracking.start_run(make_params(store)) as run:
         pass
-    ref_file = tmp_path / "models" / "mlflow_run.json"
-    tracking.write_run_ref(ref_file, run)
+    models = tmp_path / "models"
+    assert tracking.read_run_ref(models, tmp_path) is None  # no weights, no reference
+    (models / "lora").mkdir(parents=True)
+    (models / "lora" / "w.safetensors").write_bytes(b"weights")
+    ref_file = tracking.write_run_ref(run, models, tmp_path)
+    digest = tracking.models_digest(models)
+    assert ref_file == tmp_path / ".fluxfill" / "runs" / f"{digest[:16]}.json"
     assert json.loads(ref_file.read_text()) == {
-        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": store,
+        "format": 1, "models": digest, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+        "tracking_uri": store,
     }
-    assert tracking.read_run_ref(ref_file)["run_id"] == run.info.run_id
-    assert tracking.read_run_ref(tmp_path / "absent.json") is None
+    assert tracking.read_run_ref(models, tmp_path)["run_id"] == run.info.run_id
+    assert not list(models.rglob("*.json"))  # the weights folder (a DVC out) holds no run id
+    (models / "lora" / "w.safetensors").write_bytes(b"other weights")  # e.g. restored from DVC's cache
+    assert tracking.read_run_ref(models, tmp_path) is None
+    (models / "lora" / "w.safetensors").write_bytes(b"weights")
     ref_file.write_text("{not json")
-    with pytest.raises(FluxfillError, match="mlflow_run.json: not a readable MLflow run reference"):
-        tracking.read_run_ref(ref_file)
-    ref_file.write_text("{}")
-    with pytest.raises(FluxfillError, match='no "run_id"'):
-        tracking.read_run_ref(ref_file)
+    with pytest.raises(FluxfillError, match=rf"^{ref_file}: not a readable MLflow run reference .*; delete it "
+                                            rf"\(`rm {ref_file}`: evaluation then logs to a new MLflow run\)"):
+        tracking.read_run_ref(models, tmp_path)
+    ref_file.write_text('{"run_id": "abc"}')  # the layout of an older version
+    with pytest.raises(FluxfillError, match="an MLflow run reference from another version of fluxfill"):
+        tracking.read_run_ref(models, tmp_path)
+
+
+def test_summary_points_at_the_run_in_the_model_training_view(store, tmp_path, monkeypatch):
+    from fluxfill.summary import summary_lines
+
+    monkeypatch.chdir(tmp_path)
+    params = make_params(store, train={"output": "models"})
+    with tracking.start_run(params) as run:
+        pass
+    (tmp_path / "models" / "lora").mkdir(parents=True)
+    (tmp_path / "models" / "lora" / "w.safetensors").write_bytes(b"weights")
+    tracking.write_run_ref(run, tmp_path / "models", tmp_path)
+    lines = summary_lines(params)
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"open it      mlflow ui --backend-store-uri {store} --host 127.0.0.1   # then {page}" in lines
