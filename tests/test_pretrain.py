@@ -188,3 +188,13 @@ def test_demo_chain_trained_model_beats_base(tmp_path, monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
     m = evaluate(params, device="cpu")["metrics"]
     assert m["num_samples"] == 4 and m["psnr"] >= m["base_psnr"] + 1.0
+
+
+def test_readme_states_the_shipped_figures(info):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    m = info["metrics"]
+    assert f"| VAE reconstruction `decode(encode(x))` | 18.73 | 22.08 | 32.72 | 24.67 | **{m['vae_psnr']:.2f}** |" in readme
+    assert f"shipped transformer | 17.34 | 20.26 | 31.13 | 22.26 | **{m['fill_psnr']:.2f}** |" in readme
+    assert f"random transformer (same VAE and text encoders) | 9.70 | 7.52 | 16.76 | 10.45 | {m['random_fill_psnr']:.2f} |" in readme
+    assert m["vae_psnr_min"] == 18.729 and m["panel_size"] == 128
+    assert (Path(__file__).parents[1] / "docs" / "tiny_grid.png").stat().st_size < 300 * 1024
