@@ -18,7 +18,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean tiny-weights tiny-weights-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ run: install
 ## lint, then the whole test suite (CPU, no network)
 test: lint
 	$(PY) -m pytest -q
+
+## retrain the tiny preset's shipped weights (fluxfill/weights/tiny) on the CPU, one thread, deterministic
+tiny-weights: install
+	$(VENV)/bin/fluxfill pretrain-tiny
+
+## retrain them into a temporary folder and compare with the shipped files (equal hashes, or held-out
+## figures within the stated tolerance on another machine); exit 1 on a mismatch
+tiny-weights-check: install
+	$(VENV)/bin/fluxfill pretrain-tiny --check
 
 bench: install
 	$(PY) -m bench

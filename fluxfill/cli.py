@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fluxfill.compare", "compare MLflow runs side by side, with their model versions (--parent: a sweep's points)"),
     "sweep": ("fluxfill.sweep", "run a grid of settings as DVC experiments, compared under one MLflow parent run"),
     "summary": ("fluxfill.summary", "print where to look after a run: MLflow run, metrics, sample grids"),
+    "pretrain-tiny": ("fluxfill.pretrain", "train the tiny preset's shipped weights on the CPU (make tiny-weights)"),
 }
 
 

@@ -46,7 +46,7 @@ class DataConfig(Section):
         "enhance", description="enhance: degraded -> clean photo; tint: photo -> the colour look shown by the reference")
     path: str = Field("data/raw", description="folder root (source: folder) or CSV file (source: manifest)")
     output: str = "data/prepared"
-    panel_size: int = Field(512, ge=16, le=4096)
+    panel_size: int = Field(128, ge=16, le=4096)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     allow_upscale: bool = False
@@ -78,7 +78,7 @@ class ModelConfig(Section):
     image_encoder: str = Field("openai/clip-vit-large-patch14", description="CLIP vision: hub id or folder")
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    max_sequence_length: int = Field(512, ge=1, le=512)
+    max_sequence_length: int = Field(128, ge=1, le=512)
     quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
         "none", description="storage of the frozen transformer's linear weights (torchao); model.dtype stays the "
         "compute dtype and the LoRA trains on top in fp32")
@@ -108,12 +108,12 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     output: str = "models"
     checkpoint_dir: str = "checkpoints"
-    max_steps: int = Field(40, ge=1)
+    max_steps: int = Field(600, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_processes: int = Field(1, ge=1, description="worker processes (GPUs; CPU: gloo); global batch = "
                                "num_processes x batch_size x gradient_accumulation_steps")
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     fusion_learning_rate: float | None = Field(0.01, gt=0, description="None: same as learning_rate")
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)

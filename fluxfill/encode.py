@@ -57,11 +57,13 @@ META_KEYS = ("preset", "panel_size", "max_sequence_length", "code_version", "man
 
 
 def code_version() -> str:
-    """fluxfill version + a hash of the code that decides the cache's content."""
+    """fluxfill version + a hash of the code (and tiny weights) that decide the cache's content."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("latents.py", "encode.py", "models.py", "panels.py"):
-        h.update((here / name).read_bytes())
+    # the tiny weights' record lists the sha256 of every shipped weight file
+    for name in ("latents.py", "encode.py", "models.py", "panels.py", "weights/tiny/pretrain.json"):
+        if (here / name).exists():
+            h.update((here / name).read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 

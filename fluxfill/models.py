@@ -1,7 +1,10 @@
 """Model presets: the FLUX.1-Fill components, built or loaded one at a time.
 
 - ``tiny``: the real classes (FluxTransformer2DModel with ``in_channels=384``, AutoencoderKL with 16 latent
-  channels, CLIP/T5 text encoders with real tokenizer objects, CLIP vision) from small configs, seeded, CPU.
+  channels, CLIP/T5 text encoders with real tokenizer objects, CLIP text and vision towers of one CLIPModel) from
+  small configs, with weights pretrained by ``fluxfill pretrain-tiny`` and shipped in ``fluxfill/weights/tiny``,
+  a folder laid out like a diffusers repository and loaded through the same ``from_pretrained`` calls as the real
+  model. CPU.
 - ``flux-fill-dev``: ``black-forest-labs/FLUX.1-Fill-dev`` + a CLIP vision tower, by hub id or local folder
   (``HF_HUB_OFFLINE=1`` is respected; nothing is downloaded on a machine without network).
 - ``flux-fill-dev-random``: the full-size architecture from configs shipped in ``fluxfill/configs``,
@@ -31,23 +34,29 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2
               "image_encoder", "image_processor", "scheduler")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Small configs of the same classes; every size that matters to the contract (384 in, 64 out, 16 latent
-# channels, 8x VAE) is the real one.
+TINY_DIR = Path(__file__).parent / "weights" / "tiny"
+# The tiny architectures (what `fluxfill pretrain-tiny` trains): the same classes as FLUX.1-Fill-dev, and every
+# size that matters to the contract (384 in, 64 out, 16 latent channels, 8x VAE) is the real one.
 TINY = {
-    "transformer": dict(patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
-                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+    "transformer": dict(patch_size=1, in_channels=384, out_channels=64, num_layers=2, num_single_layers=4,
+                        attention_head_dim=32, num_attention_heads=3, joint_attention_dim=32,
+                        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14)),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
-                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
-    "text_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
+                layers_per_block=0, norm_num_groups=1, mid_block_add_attention=False,
+                scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False),
     "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
-    "image_encoder": dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
-                          num_attention_heads=4, image_size=32, patch_size=8),
+    # one CLIPModel: its text tower is FLUX's CLIP text encoder (pooled output, 32 = the transformer's pooled
+    # projection dim), its vision tower + visual projection the reference encoder, both projected to one space
+    # (projection_dim also in each tower's config, as openai/clip-vit-large-patch14 has it, so that a tower loads
+    # alone with its projection)
+    "clip": dict(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                  projection_dim=24),
+                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=32, patch_size=8, projection_dim=24),
+                 projection_dim=24),
 }
 TINY_CLIP_MAX_LENGTH = 256
 
@@ -107,6 +116,8 @@ def _build(name: str, cfg: dict, device: torch.device, dtype: torch.dtype, seed:
     """Instantiate one component from a config dict, random weights (seeded when ``seed`` is given)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import (
+        CLIPConfig,
+        CLIPModel,
         CLIPTextConfig,
         CLIPTextModel,
         CLIPVisionConfig,
@@ -122,6 +133,7 @@ def _build(name: str, cfg: dict, device: torch.device, dtype: torch.dtype, seed:
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg)),
         "text_encoder_2": lambda: T5EncoderModel(T5Config(**cfg)),
         "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)),
+        "clip": lambda: CLIPModel(CLIPConfig(**cfg)),
     }
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with fork, _default_dtype(dtype if dtype.is_floating_point else torch.float32), torch.device(device):
@@ -131,6 +143,18 @@ def _build(name: str, cfg: dict, device: torch.device, dtype: torch.dtype, seed:
     return module.eval().requires_grad_(False)
 
 
+def build_tiny(name: str, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A tiny architecture with seeded random weights: ``transformer``, ``vae``, ``text_encoder_2`` or ``clip``
+    (a ``CLIPModel``: FLUX's CLIP text encoder is its ``text_model``, the reference encoder its vision tower)."""
+    clip_tok, t5_tok = tiny_tokenizers()
+    config = json.loads(json.dumps(TINY[name]))  # a deep copy
+    if name == "clip":
+        config["text_config"]["vocab_size"] = len(clip_tok)
+    if name == "text_encoder_2":
+        config["vocab_size"] = len(t5_tok)
+    return _build(name, config, torch.device(device), dtype, seed)
+
+
 def _shipped_configs() -> dict[str, dict]:
     configs = json.loads((CONFIG_DIR / "flux-fill-dev-text-encoders.json").read_text())
     for name in ("transformer", "vae"):
@@ -138,7 +162,8 @@ def _shipped_configs() -> dict[str, dict]:
     return configs
 
 
-def _scheduler():
+def scheduler():
+    """FLUX.1-Fill-dev's scheduler, from its config shipped in ``fluxfill/configs``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     cfg = json.loads((CONFIG_DIR / "flux-fill-dev-scheduler.json").read_text())
@@ -154,17 +179,29 @@ def _clip_image_processor_class():
     return cls
 
 
-def _image_processor(size: int):
+def image_processor(size: int):
+    """A CLIP image processor for ``size``-px square inputs."""
     return _clip_image_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def _sources(cfg: ModelConfig) -> tuple[str, str, str | None]:
+    """``(pipeline folder or hub id, image encoder folder or hub id, revision)`` of a pretrained preset."""
+    if cfg.preset == "tiny":
+        return str(TINY_DIR), str(TINY_DIR / "image_encoder"), None
+    return cfg.pretrained, cfg.image_encoder, cfg.revision
+
+
 def _load_error(cfg: ModelConfig, name: str, source: str, subfolder: str | None, e: BaseException) -> str:
-    """Why ``name`` did not load (the error's first line) and the fix: weights that are not there need a download;
-    weights that are there but fail (a damaged shard, a dtype or version mismatch) need checking, not a download."""
+    """Why ``name`` did not load (the error's first line) and the fix: the tiny weights ship with fluxfill;
+    weights that are not there need a download; weights that are there but fail (a damaged shard, a dtype or
+    version mismatch) need checking, not a download."""
     local = Path(source).expanduser()
     where = (f"local folder {local}" if local.exists() else f"hub id {source!r}") + (
         f" (subfolder {subfolder!r})" if subfolder else "")
     head = f"cannot load {name} of preset {cfg.preset!r} from {where}: {type(e).__name__}: {first_line(e).rstrip('.')}. "
+    if cfg.preset == "tiny":
+        return head + (f"The tiny weights ship with fluxfill: restore them with `git checkout -- "
+                       f"{TINY_DIR.relative_to(TINY_DIR.parents[2])}` or rebuild them with `make tiny-weights`.")
     if local.exists() or isinstance(e, ValueError):
         return head + (f"The files are there but do not load: check model.dtype ({cfg.dtype}) and the diffusers/"
                        "transformers versions, or replace damaged files with a fresh download of the weights.")
@@ -174,7 +211,7 @@ def _load_error(cfg: ModelConfig, name: str, source: str, subfolder: str | None,
 
 
 def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
-    """Load one component of FLUX.1-Fill-dev (hub id or local folder) or of the CLIP vision tower."""
+    """Load one component of a diffusers FLUX.1-Fill folder (hub id or local) or of the CLIP vision tower."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import (
         CLIPTextModel,
@@ -184,19 +221,20 @@ def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: t
         T5TokenizerFast,
     )
 
+    pretrained, image_encoder, revision = _sources(cfg)
     loaders = {
-        "transformer": (FluxTransformer2DModel, cfg.pretrained, "transformer"),
-        "vae": (AutoencoderKL, cfg.pretrained, "vae"),
-        "text_encoder": (CLIPTextModel, cfg.pretrained, "text_encoder"),
-        "text_encoder_2": (T5EncoderModel, cfg.pretrained, "text_encoder_2"),
-        "tokenizer": (CLIPTokenizer, cfg.pretrained, "tokenizer"),
-        "tokenizer_2": (T5TokenizerFast, cfg.pretrained, "tokenizer_2"),
-        "scheduler": (FlowMatchEulerDiscreteScheduler, cfg.pretrained, "scheduler"),
-        "image_encoder": (CLIPVisionModelWithProjection, cfg.image_encoder, None),
-        "image_processor": (_clip_image_processor_class(), cfg.image_encoder, None),
+        "transformer": (FluxTransformer2DModel, pretrained, "transformer"),
+        "vae": (AutoencoderKL, pretrained, "vae"),
+        "text_encoder": (CLIPTextModel, pretrained, "text_encoder"),
+        "text_encoder_2": (T5EncoderModel, pretrained, "text_encoder_2"),
+        "tokenizer": (CLIPTokenizer, pretrained, "tokenizer"),
+        "tokenizer_2": (T5TokenizerFast, pretrained, "tokenizer_2"),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, pretrained, "scheduler"),
+        "image_encoder": (CLIPVisionModelWithProjection, image_encoder, None),
+        "image_processor": (_clip_image_processor_class(), image_encoder, None),
     }
     cls, source, subfolder = loaders[name]
-    kwargs = {"revision": cfg.revision} if cfg.revision and source == cfg.pretrained else {}
+    kwargs = {"revision": revision} if revision and source == pretrained else {}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if name in ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
@@ -228,37 +266,26 @@ def load_component(cfg: ModelConfig, name: str, device: str | torch.device = "cp
 
 
 def _load(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
-    if cfg.preset == "flux-fill-dev":
+    if cfg.preset in ("tiny", "flux-fill-dev"):
         return _load_pretrained(cfg, name, device, dtype)
-    if name == "scheduler":
-        return _scheduler()
-    if cfg.preset == "tiny":
-        if name in ("tokenizer", "tokenizer_2"):
-            return tiny_tokenizers()[0 if name == "tokenizer" else 1]
-        if name == "image_processor":
-            return _image_processor(TINY["image_encoder"]["image_size"])
-        clip, t5 = tiny_tokenizers()
-        config = dict(TINY[name])
-        if name == "text_encoder":
-            config["vocab_size"] = len(clip)
-        if name == "text_encoder_2":
-            config["vocab_size"] = len(t5)
-        return _build(name, config, device, dtype, seed=COMPONENTS.index(name))
     # flux-fill-dev-random: the full architecture, random weights (seeded off meta)
+    if name == "scheduler":
+        return scheduler()
     configs = _shipped_configs()
     if name in ("tokenizer", "tokenizer_2"):
         return tiny_tokenizers(configs["text_encoder"]["max_position_embeddings"])[0 if name == "tokenizer" else 1]
     if name == "image_processor":
-        return _image_processor(configs["image_encoder"]["image_size"])
+        return image_processor(configs["image_encoder"]["image_size"])
     return _build(name, configs[name], device, dtype, seed=None if device.type == "meta" else 0)
 
 
 def image_encoder_checkpoint(cfg: ModelConfig) -> str | None:
     """The checkpoint (hub id or folder) the preset's CLIP image encoder loads from; None when built in code.
 
-    The fusion module reads CLIP's text projection from it (:func:`clip_text_projection`).
+    The fusion module reads CLIP's text projection from it (:func:`clip_text_projection`). The tiny preset's is
+    the whole tiny ``CLIPModel`` (``fluxfill/weights/tiny/image_encoder``), so it carries one.
     """
-    return cfg.image_encoder if cfg.preset == "flux-fill-dev" else None
+    return _sources(cfg)[1] if cfg.preset in ("tiny", "flux-fill-dev") else None
 
 
 def clip_text_projection(source: str) -> torch.Tensor | None:

@@ -239,7 +239,8 @@ def test_cli_shapes_full_size_meta(capsys):
     assert main(["shapes", "--preset", "flux-fill-dev-random", "--device", "meta"]) == 0
     out = capsys.readouterr().out
     assert "hidden_states: [4, 2048, 384]" in out and "model_output: [4, 2048, 64]" in out
-    assert "prompt_embeds: [4, 512, 4096]" in out and "pooled_prompt_embeds: [4, 768]" in out
+    # model.max_sequence_length: 128 T5 tokens by default
+    assert "prompt_embeds: [4, 128, 4096]" in out and "pooled_prompt_embeds: [4, 768]" in out
 
 
 def test_cli_shapes_rejects_bad_panel_size(capsys):

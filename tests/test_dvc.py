@@ -77,10 +77,15 @@ def _imported_names(file: Path) -> set[str]:
 
 
 def _data_dirs(file: Path) -> set[str]:
-    """Package data folders (``fluxfill/configs``) whose name appears as a string in ``file``."""
-    folders = {p.name: p for p in (ROOT / "fluxfill").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    """Package data folders (the shallowest folders under ``fluxfill/`` that hold files) whose path parts all
+    appear as strings in ``file``: ``fluxfill/configs`` for ``... / "configs"``, ``fluxfill/weights/tiny`` for
+    ``... / "weights" / "tiny"``."""
+    package = ROOT / "fluxfill"
+    holders = [p for p in package.rglob("*") if p.is_dir() and "__pycache__" not in p.parts
+               and any(f.is_file() for f in p.iterdir())]
+    folders = [p.relative_to(package).parts for p in holders if p.parent == package or p.parent not in holders]
     used = {n.value for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.Constant)}
-    return {folders[name].relative_to(ROOT).as_posix() for name in used & set(folders)}
+    return {package.joinpath(*parts).relative_to(ROOT).as_posix() for parts in folders if set(parts) <= used}
 
 
 def stage_sources(stage: str) -> set[str]:
@@ -108,6 +113,7 @@ def test_each_stage_depends_on_exactly_the_files_it_runs():
         assert set(resolved[stage]["deps"]) == stage_sources(stage) | data, stage
     # the closure follows imports inside functions: train draws its sample grids with fluxfill.evaluate
     assert "fluxfill/sampling.py" in stage_sources("train") and "fluxfill/configs" in stage_sources("encode")
+    assert {"fluxfill/weights/tiny", "fluxfill/configs"} <= stage_sources("encode") & stage_sources("evaluate")
     assert {"fluxfill/models.py", "fluxfill/latents.py"} <= stage_sources("train")
     assert {"fluxfill/fusion.py", "fluxfill/models.py", "fluxfill/panels.py"} <= stage_sources("evaluate")
 

@@ -7,7 +7,7 @@ import torch
 
 from fluxfill.config import ConfigError, validate
 from fluxfill.fusion import SemanticFusion, build_fusion
-from fluxfill.models import clip_text_projection, image_encoder_checkpoint
+from fluxfill.models import TINY_DIR, clip_text_projection, image_encoder_checkpoint
 
 
 def test_reference_is_rescaled_to_the_pooled_norm_per_sample():
@@ -81,9 +81,10 @@ def test_pinv_init_reproduces_the_image_embedding_through_the_text_projection(tm
     assert fusion.init_method == "orthogonal"
     w = fusion.proj.weight.detach()  # [16, 12]: orthonormal columns
     torch.testing.assert_close(w.T @ w, torch.eye(12), rtol=0, atol=1e-5)
-    # the tiny preset builds its towers in code: no checkpoint to read
-    assert image_encoder_checkpoint(validate({}).model) is None
-    assert build_fusion(validate({}), 32, 24).init_method == "orthogonal"
+    # the tiny preset's image encoder is a whole CLIPModel shipped in the package: pinv of its text projection
+    assert image_encoder_checkpoint(validate({}).model) == str(TINY_DIR / "image_encoder")
+    assert build_fusion(validate({}), 32, 24).init_method == "pinv"
+    assert build_fusion(validate({"model": {"preset": "flux-fill-dev-random"}}), 32, 24).init_method == "orthogonal"
 
 
 def test_theta_has_its_own_group_without_weight_decay():
