@@ -339,7 +339,7 @@ def quantize_base(module: torch.nn.Module, mode: str, device: str | torch.device
 
     ``int8``: int8 weights with one scale per output row; ``fp8``: float8 e4m3 weights, one scale per row;
     ``nf4``: 4-bit NormalFloat in blocks of 64 (QLoRA's format). Weight-only: each matmul runs in the compute
-    dtype. Called before the LoRA is attached (peft then wraps the quantised layers). ``device``: each layer
+    dtype. ``fp8`` leaves a layer with an all-zero output row (the tiny model's frozen guidance embedder) as is. Called before the LoRA is attached (peft then wraps the quantised layers). ``device``: each layer
     moves there just before it is quantised.
     """
     if mode == "none":
@@ -349,7 +349,11 @@ def quantize_base(module: torch.nn.Module, mode: str, device: str | torch.device
     ao = _torchao(mode)
 
     def eligible(m: torch.nn.Module, _fqn: str = "") -> bool:
-        return isinstance(m, torch.nn.Linear) and (mode != "nf4" or m.weight.numel() % NF4_BLOCK == 0)
+        if not isinstance(m, torch.nn.Linear):
+            return False
+        if mode == "fp8":  # torchao's float8 scales a row of zeros by 0 and returns NaN: such a layer stays as is
+            return not bool((m.weight == 0).all(dim=1).any())
+        return mode != "nf4" or m.weight.numel() % NF4_BLOCK == 0
 
     layers = [m for m in module.modules() if eligible(m)]
     try:

@@ -20,7 +20,7 @@ Deterministic: seeded, one intra-op thread; the same machine and torch build giv
 ``--check`` retrains into a temporary folder and compares it with the shipped one (see :func:`compare`).
 
 Examples:
-  fluxfill pretrain-tiny                      # rewrite fluxfill/weights/tiny (about 20 CPU minutes)
+  fluxfill pretrain-tiny                      # rewrite fluxfill/weights/tiny (about 23 CPU minutes)
   fluxfill pretrain-tiny --output /tmp/tiny   # write elsewhere
   fluxfill pretrain-tiny --check              # retrain into a temp folder and compare with the shipped files
 """

@@ -139,8 +139,8 @@ def test_smoke_flops_measured_equal_analytic(smoke):
     flops = smoke[1]["flops"]
     measured, analytic = flops["forward_per_sample_measured"], flops["forward_per_sample_analytic"]
     assert measured["linear"] == analytic["linear"] and measured["attention"] == analytic["attention"]
-    # tiny: 2 layers x 4 S^2 D, S = 512 + 64, D = 32
-    assert analytic["attention"] == 2 * 4 * 576 ** 2 * 32
+    # tiny: 6 layers (2 double-stream + 4 single-stream) x 4 S^2 D, S = 512 + 64, D = 3 heads x 32
+    assert analytic["attention"] == 6 * 4 * 576 ** 2 * 96
     assert flops["useful_per_sample"] == 2 * measured["linear"] + 3 * measured["attention"]
     assert smoke[1]["attention"]["sdpa_ops_ours"] == ["_scaled_dot_product_flash_attention_for_cpu"]
 

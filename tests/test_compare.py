@@ -62,7 +62,7 @@ def test_one_row_per_run_with_only_differing_params(store):
     assert table["run"].tolist() == ["fused-lr", "fused", "base"]  # newest first
     assert param_columns(table) == ["fusion.mode", "train.learning_rate"]
     assert table["fusion.mode"].tolist() == ["learned", "learned", "none"]
-    assert table["train.learning_rate"].tolist() == ["0.0005", "0.001", "0.001"]
+    assert table["train.learning_rate"].tolist() == ["0.0005", "0.002", "0.002"]
     assert table["loss"].tolist() == [0.35, 0.4, 0.6]  # the value at the last step
     assert table["val_loss"].tolist() == pytest.approx([0.4, 0.45, 0.65])
     assert table["fusion_weight"].tolist()[:2] == [0.55, 0.6211] and math.isnan(table["fusion_weight"][2])
@@ -80,7 +80,7 @@ def test_csv_reads_back_exactly(env, capsys):
     assert f"experiment 'cmp' at {env}: 3 run(s), newest first" in err
     df = pd.read_csv(io.StringIO(out))
     assert df["run"].tolist() == ["fused-lr", "fused", "base"]
-    assert df["train.learning_rate"].tolist() == [0.0005, 0.001, 0.001]
+    assert df["train.learning_rate"].tolist() == [0.0005, 0.002, 0.002]
     assert df["fusion_weight"].tolist()[:2] == [0.55, 0.6211] and math.isnan(df["fusion_weight"][2])
     assert df["psnr"].tolist()[0] == 22.25 and math.isnan(df["psnr"][1]) and df["psnr"][2] == 20.5
     assert df["ssim"].tolist()[0] == 0.8125

@@ -176,7 +176,8 @@ def test_training_steps_lower_loss_and_move_alpha(tiny_cfg, tiny):
                  prompt_embeds=emb, pooled_prompt_embeds=pooled, image_embeds=image_embeds,
                  img_ids=enc.img_ids, txt_ids=ids)
     fusion = SemanticFusion("learned", 32, image_embeds.shape[-1], init=0.25)
-    opt = torch.optim.AdamW([*transformer.parameters(), *fusion.parameters()], lr=3e-3)
+    # the pretrained transformer at a fine-tuning rate, the fusion module (new) at a faster one
+    opt = torch.optim.AdamW([{"params": transformer.parameters(), "lr": 3e-4}, {"params": fusion.parameters()}], lr=3e-3)
 
     def loss_at_fixed_noise():
         with torch.no_grad():

@@ -208,9 +208,9 @@ def test_dvc_status_stale_exactly_for_what_changes_outputs(repo_copy):
     subprocess.run(["git", "checkout", "-q", "params.yaml"], cwd=repo, check=True)
     assert _status(repo) == {}
     sources = sorted({f for stage in STAGES for f in stage_sources(stage)})
-    for f in sources:  # a comment at the end of every source file, a blank line in the package data
-        for file in [repo / f] if f.endswith(".py") else sorted((repo / f).iterdir()):
-            file.write_text(file.read_text() + ("\n# touched\n" if file.suffix == ".py" else "\n"))
+    for f in sources:  # a comment at the end of every source file, a newline byte after each package data file
+        for file in [repo / f] if f.endswith(".py") else sorted(p for p in (repo / f).rglob("*") if p.is_file()):
+            file.write_bytes(file.read_bytes() + (b"\n# touched\n" if file.suffix == ".py" else b"\n"))
     status = _status(repo)
     for stage in STAGES:
         [reasons] = status[stage]

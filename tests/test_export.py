@@ -104,14 +104,16 @@ def check_round_trip(tmp_path, transformer, targets: str):
 
 def test_kohya_and_comfyui_round_trip_through_diffusers_converters(tmp_path):
     modules = check_round_trip(tmp_path, tiny_transformer(), TINY_TARGETS)
-    assert len(modules) == 26 and {"proj_out", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"} <= set(modules)
+    # 10 outside the blocks, 14 in each of the 2 double-stream blocks, 2 in each of the 4 single-stream ones
+    assert len(modules) == 10 + 2 * 14 + 4 * 2
+    assert {"proj_out", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"} <= set(modules)
     keys = load_file(str(tmp_path / "kohya.safetensors")).keys()
     assert {"lora_unet_img_in.lora_down.weight", "lora_unet_img_in.lora_up.weight", "lora_unet_img_in.alpha",
             "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_final_layer_linear.alpha",
             "lora_unet_single_blocks_0_linear2.lora_up.weight"} <= set(keys)
     comfy = load_file(str(tmp_path / "comfyui.safetensors"))
     assert all(k.startswith("diffusion_model.") for k in comfy)
-    assert comfy["diffusion_model.double_blocks.0.txt_attn.qkv.lora_down.weight"].shape == (12, 32)  # 3 x rank 4
+    assert comfy["diffusion_model.double_blocks.0.txt_attn.qkv.lora_down.weight"].shape == (12, 96)  # 3 x rank 4, the tiny inner width 96
     assert comfy["diffusion_model.double_blocks.0.txt_attn.qkv.alpha"].item() == 24.0  # 3 x alpha 8
     assert comfy["diffusion_model.img_in.lora_down.weight"].shape == (4, 384)  # the Fill-only input width
     assert comfy["diffusion_model.img_in.alpha"].item() == 8.0  # the trained alpha

@@ -45,7 +45,10 @@ def test_quantised_base_is_smaller_close_and_trains_a_fp32_lora(mode, full_preci
     base, expected = full_precision
     cls, max_bytes, max_err = MODES[mode]
     transformer = load_component(ModelConfig(quantize=mode), "transformer")
-    assert {type(m.weight).__name__ for m in linears(transformer)} == {cls}  # every linear of the tiny model
+    zero_row = [m for m in linears(transformer) if type(m.weight).__name__ != cls]
+    assert {type(m.weight).__name__ for m in linears(transformer)} - {"Parameter"} == {cls}
+    # every linear of the tiny model; fp8 keeps the one with zero rows (the frozen guidance embedder's output)
+    assert zero_row == ([transformer.time_text_embed.guidance_embedder.linear_2] if mode == "fp8" else [])
     ratio = sum(stored_bytes(m) for m in linears(transformer)) / sum(stored_bytes(m) for m in linears(base))
     assert ratio < max_bytes, ratio
     got = output(transformer)

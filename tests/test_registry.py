@@ -129,7 +129,7 @@ def test_registered_model_null_registers_nothing(repo, tmp_path):
         assert registry.register_trained_model(params, tmp_path) is None
     assert not (tmp_path / "fluxfill_model.json").exists()  # training writes the spec with the weights
     registry.write_spec(params, tmp_path)
-    assert ModelSpec.model_validate_json((tmp_path / "fluxfill_model.json").read_text()).panel_size == 512
+    assert ModelSpec.model_validate_json((tmp_path / "fluxfill_model.json").read_text()).panel_size == 128
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")) == 1
 
 
