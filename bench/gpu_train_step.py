@@ -965,6 +965,9 @@ class _Tee:
         for s in self.streams:
             s.flush()
 
+    def isatty(self) -> bool:  # libraries ask before colouring their output
+        return False
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,7 @@ def test_smoke_run_reports_every_figure(smoke):
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)  # --peak-tflops 1
         assert len(r["warmup_s"]) == 2 and r["peak_mem_gb"] is None  # no device peak on CPU
     assert [r["optimizer"] for r in report["results"]] == ["AdamW (default)", "AdamW", "AdamW", "AdamW"]
-    assert [r["checkpointed_blocks"] for r in report["results"]] == [0, 0, 2, 0]  # tiny: 1 double + 1 single block
+    assert [r["checkpointed_blocks"] for r in report["results"]] == [0, 0, 6, 0]  # tiny: 2 double + 4 single blocks
     ours = report["results"][1]
     assert len(ours["losses"]) == 2 + 2 and ours["final_loss"] == ours["losses"][-1]
     head = report["headline"]
