@@ -212,7 +212,8 @@ def test_cache_for_other_panel_size_is_refused(latents, workdir):
 
 
 def test_ctrl_c_writes_a_checkpoint_and_a_second_training_is_refused(latents, workdir):
-    raw = raw_params(latents, max_steps=400, checkpoint_every=50)
+    raw = raw_params(latents, max_steps=100_000, checkpoint_every=50)
+    # so many steps that the run is still going when Ctrl-C arrives, however fast the machine
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     log = open("train.log", "w")  # a file, not a pipe: the progress bar would fill a pipe and stall the run
     proc = subprocess.Popen([sys.executable, "-m", "fluxfill.cli", "train"], stdout=log, stderr=log,
