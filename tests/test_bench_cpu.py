@@ -31,8 +31,10 @@ def test_encode_bench_reports_stage_over_model_calls(captured, monkeypatch):
     for bs in (1, 4, 8):
         f = figures[f"batch_{bs}"]
         assert f["rounds"]["stage_s"] == [f["stage_s"]] and f["rounds"]["model_calls_alone_s"] == [f["model_calls_alone_s"]]
-        assert f["stage_over_model_calls"] == pytest.approx(f["stage_s"] / f["model_calls_alone_s"], rel=5e-3)
-        assert f["samples_per_s"] == pytest.approx(4 / f["stage_s"], rel=1e-2)
+        # the file rounds each figure to 3 decimals: the ratios agree within what that rounding allows
+        stage, alone, half = f["stage_s"], f["model_calls_alone_s"], 5e-4
+        assert (stage - half) / (alone + half) - half <= f["stage_over_model_calls"] <= (stage + half) / (alone - half) + half
+        assert 4 / (stage + half) - half <= f["samples_per_s"] <= 4 / (stage - half) + half
 
 
 def test_train_overhead_bench_pairs_every_step_and_keeps_the_workspace_clean(captured, monkeypatch, tmp_path):
