@@ -110,3 +110,14 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained") / "models"
     write_model_dir(folder)
     return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory; accelerate's per-process state is reset afterwards (a CLI run has one state,
+    the tests run many trainings, with other precisions)."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -37,15 +37,6 @@ def raw_params(root, model=None, **train) -> dict:
             "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_train_runs_every_micro_step_through_train_step(latents, workdir, monkeypatch):
     real, calls = step_module.train_step, []
 

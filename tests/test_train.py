@@ -46,16 +46,6 @@ def raw_params(root: Path, **train) -> dict:
             "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}}
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    # accelerate keeps one state per process; a CLI run has one, these tests run many (with other precisions)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def weights(root: Path) -> dict[str, torch.Tensor]:
     out = load_file(str(root / "models/lora/pytorch_lora_weights.safetensors"))
     out.update({f"fusion.{k}": v for k, v in load_file(str(root / "models/fusion.safetensors")).items()})
