@@ -1,15 +1,16 @@
 """Encode data/prepared into the latent cache data/latents, so training never touches the VAE or text encoders.
 
-Three phases, one model family loaded at a time and released before the next loads (peak memory = the largest
-of them; each phase holds its models only inside its own function):
+Two phases, each holding its models only inside its own function; the text encoders are released before the
+image encoders load (peak memory = the larger phase, the text one for flux-fill-dev):
 
-  1. text    CLIP text + T5  -> prompt_embeds [T, D], pooled_prompt_embeds [P]   (flux-fill-dev: ~10 GB, T5-XXL)
-  2. vae     VAE             -> x_0 [N, 64], masked_latents [N, 64]              (~0.2 GB + activations)
-  3. vision  CLIP vision     -> image_embeds [E]                                  (~0.6 GB)
+  1. text    CLIP text + T5  -> text:   prompt_embeds [T, D], pooled_prompt_embeds [P]  (flux-fill-dev: ~10 GB, T5-XXL)
+  2. images  VAE             -> vae:    x_0 [N, 64], masked_latents [N, 64]             (~0.2 GB + activations)
+             CLIP vision     -> vision: image_embeds [E]                                 (~0.6 GB)
+     The two image encoders share one decode of each triptych PNG (decoding is the stage's main non-model work).
 
 plus, once per geometry, mask_latents [1, N, 256], img_ids [N, 3] and txt_ids [T, 3] in ``geometry.safetensors``.
 
-Files are safetensors shards of ``encode.shard_size`` samples per phase (``text-00000.safetensors``, ...),
+Files are safetensors shards of ``encode.shard_size`` samples per kind (``text-00000.safetensors``, ...),
 written atomically (temp file, then rename) by a worker thread while the next batch encodes; another worker
 decodes the next batches' triptych PNGs ahead of the model. Each shard records a fingerprint of its inputs
 (triptych hashes, prompts) and settings (preset, weights, panel size, dtype, code version): a shard whose
@@ -148,15 +149,21 @@ def _batches(rows: pd.DataFrame, size: int):
 def _ahead(fn, items, depth: int = 2):
     """``(item, fn(item))`` in order, ``fn`` running ``depth`` items ahead in a worker thread.
 
-    PNG decoding and cropping release the GIL, so the next batches are read while the model encodes this one.
+    The first ``depth`` calls start at once, so they overlap the model loading that follows. PNG decoding and
+    cropping release the GIL, so the next batches are read while the model encodes this one.
     """
     items = iter(items)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool:
-        queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, depth))
-        while queue:
-            item, future = queue.popleft()
-            queue.extend((nxt, pool.submit(fn, nxt)) for nxt in itertools.islice(items, 1))
-            yield item, future.result()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read")
+    queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, depth))
+
+    def results():
+        with pool:
+            while queue:
+                item, future = queue.popleft()
+                queue.extend((nxt, pool.submit(fn, nxt)) for nxt in itertools.islice(items, 1))
+                yield item, future.result()
+
+    return results()
 
 
 class _Writer:
@@ -213,11 +220,6 @@ class _Job:
     def load(self, name: str):
         return load_component(self.params.model, name, self.device, self.dtype)
 
-    def batches(self, todo: list[tuple[Shard, str]]) -> list[tuple[Shard, str, pd.DataFrame]]:
-        """``(shard, fingerprint, rows)`` of every batch of the pending shards, in shard order."""
-        bs = self.params.encode.batch_size
-        return [(sh, fp, b) for sh, fp in todo for b in _batches(sh.rows, bs)]
-
 
 def _release(*modules: weakref.ref) -> None:
     """Check that the phase's models are gone; a reference cycle is the only thing that can still hold one."""
@@ -240,52 +242,47 @@ def _encode_text(job: _Job, todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
     return [weakref.ref(pipe.text_encoder), weakref.ref(pipe.text_encoder_2)]
 
 
-def _encode_vae(job: _Job, todo: list[tuple[Shard, str]], first_rows: pd.DataFrame) -> list[weakref.ref]:
-    """Phase 2: the VAE; geometry.safetensors comes from the first batch (or ``first_rows`` when none is pending)."""
-    pipe, store = vae_pipeline(job.load("vae")), job.store
-    items = job.batches(todo) or [(None, None, first_rows)]
-    x0, masked, bar = [], [], tqdm(total=len(todo), desc="encode vae", unit="shard")
+def _encode_images(job: _Job, vae_todo: list[tuple[Shard, str]], vision_todo: list[tuple[Shard, str]],
+                   first_rows: pd.DataFrame) -> list[weakref.ref]:
+    """Phase 2: the VAE and the CLIP vision tower, which share one decode of each triptych.
 
-    def read(item):
-        panels = load_triptychs(job.prepared, item[2])
-        return [p.diptych for p in panels], [p.mask for p in panels]
-
-    for i, ((sh, fp, _rows), (diptychs, masks)) in enumerate(_ahead(read, items)):
-        enc = encode_diptychs(pipe, diptychs, masks)
-        if i == 0:  # the same for every sample: it depends on the panel size only
-            job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(store),  # [1, N, 256]
-                                      "img_ids": enc.img_ids.float(),  # [N, 3]
-                                      "txt_ids": text_ids(job.params.model.max_sequence_length)},  # [T, 3]
-                                     {"panel_size": job.params.data.panel_size})
-        if sh is None:
+    Writes each shard's pending ``vae`` and ``vision`` files; geometry.safetensors comes from the first batch
+    (or from ``first_rows`` when no shard is pending). Returns weak references to the models.
+    """
+    pending = {"vae": {sh.index: fp for sh, fp in vae_todo}, "vision": {sh.index: fp for sh, fp in vision_todo}}
+    shards = sorted({sh.index: sh for sh, _ in vae_todo + vision_todo}.values(), key=lambda sh: sh.index)
+    items = [(sh, b) for sh in shards for b in _batches(sh.rows, job.params.encode.batch_size)] or [(None, first_rows)]
+    reads = _ahead(lambda item: load_triptychs(job.prepared, item[1]), items)  # decoding starts now
+    geometry = bool(vae_todo) or not (job.out / GEOMETRY).exists()
+    vae = vae_pipeline(job.load("vae")) if geometry else None
+    vision = (job.load("image_encoder"), job.load("image_processor")) if vision_todo else None
+    parts, seen = {"x_0": [], "masked_latents": [], "image_embeds": []}, 0
+    bar = tqdm(total=len(shards), desc="encode images", unit="shard")
+    for i, ((sh, rows), panels) in enumerate(reads):
+        wanted = {ph for ph, fps in pending.items() if sh is not None and sh.index in fps}
+        if "vae" in wanted or i == 0 and geometry:
+            enc = encode_diptychs(vae, [p.diptych for p in panels], [p.mask for p in panels])
+            parts["x_0"].append(enc.x_0)  # [b, N, 64]
+            parts["masked_latents"].append(enc.masked_latents)  # [b, N, 64]
+            if i == 0 and geometry:  # the same for every sample: it depends on the panel size only
+                job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(job.store),  # [1, N, 256]
+                                          "img_ids": enc.img_ids.float(),  # [N, 3]
+                                          "txt_ids": text_ids(job.params.model.max_sequence_length)},  # [T, 3]
+                                         {"panel_size": job.params.data.panel_size})
+        if "vision" in wanted:
+            parts["image_embeds"].append(encode_references(*vision, [p.reference for p in panels]))  # [b, E]
+        seen += len(rows)
+        if sh is None or seen < len(sh.rows):  # not the shard's last batch
             continue
-        x0.append(enc.x_0)
-        masked.append(enc.masked_latents)
-        if sum(len(x) for x in x0) == len(sh.rows):  # the shard's last batch
-            job.writer.save(sh, "vae", fp, {"x_0": torch.cat(x0).to(store),  # [S, N, 64]
-                                            "masked_latents": torch.cat(masked).to(store)})  # [S, N, 64]
-            x0, masked = [], []
-            bar.update(1)
+        cat = {k: torch.cat(v).to(job.store) for k, v in parts.items() if v}  # [S, ...]
+        if "vae" in wanted:
+            job.writer.save(sh, "vae", pending["vae"][sh.index], {k: cat[k] for k in ("x_0", "masked_latents")})
+        if "vision" in wanted:
+            job.writer.save(sh, "vision", pending["vision"][sh.index], {"image_embeds": cat["image_embeds"]})
+        parts, seen = {k: [] for k in parts}, 0
+        bar.update(1)
     bar.close()
-    return [weakref.ref(pipe.vae)]
-
-
-def _encode_vision(job: _Job, todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
-    """Phase 3: the CLIP vision tower on the reference panels."""
-    encoder, processor = job.load("image_encoder"), job.load("image_processor")
-    embeds, bar = [], tqdm(total=len(todo), desc="encode vision", unit="shard")
-
-    def read(item):
-        return [p.reference for p in load_triptychs(job.prepared, item[2])]
-
-    for (sh, fp, _rows), references in _ahead(read, job.batches(todo)):
-        embeds.append(encode_references(encoder, processor, references))  # [b, E]
-        if sum(len(e) for e in embeds) == len(sh.rows):
-            job.writer.save(sh, "vision", fp, {"image_embeds": torch.cat(embeds).to(job.store)})  # [S, E]
-            embeds = []
-            bar.update(1)
-    bar.close()
-    return [weakref.ref(encoder)]
+    return [weakref.ref(m) for m in (vae and vae.vae, vision and vision[0]) if m is not None]
 
 
 def encode(params: Params, prepared: str | Path | None = None, output: str | Path | None = None,
@@ -329,12 +326,9 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
         if todo := pending("text"):
             _release(*_encode_text(job, todo))
             writer.flush()
-        todo = pending("vae")
-        if todo or not (out / GEOMETRY).exists():
-            _release(*_encode_vae(job, todo, df.head(1)))
-            writer.flush()
-        if todo := pending("vision"):
-            _release(*_encode_vision(job, todo))
+        vae_todo, vision_todo = pending("vae"), pending("vision")
+        if vae_todo or vision_todo or not (out / GEOMETRY).exists():
+            _release(*_encode_images(job, vae_todo, vision_todo, df.head(1)))
     except _Stop:
         complete = False
     finally:

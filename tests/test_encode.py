@@ -153,13 +153,17 @@ def test_encode_deletes_only_its_own_stale_shards(cache):
 
 
 def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypatch):
-    """Weak references to every model encode loads: when a family loads, no model of an earlier family lives."""
+    """Weak references to every model encode loads: when a family loads, no model of an earlier family lives.
+
+    The families are the text encoders (CLIP text + T5) and the image encoders (VAE + CLIP vision, which share
+    one decode of each triptych).
+    """
     import gc
     import weakref
 
     from fluxfill import encode as encode_module
 
-    families = {"text_encoder": "text", "text_encoder_2": "text", "vae": "vae", "image_encoder": "vision"}
+    families = {"text_encoder": "text", "text_encoder_2": "text", "vae": "images", "image_encoder": "images"}
     loaded: list[tuple[str, weakref.ref]] = []
     alive_at_load: dict[str, list[str]] = {}
     real = encode_module.load_component
@@ -178,6 +182,7 @@ def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypat
     make_prepared(tmp_path / "prepared", 3, PANEL)
     assert encode(params_for(tmp_path), device="cpu")["complete"]
     assert alive_at_load == {"text_encoder": [], "text_encoder_2": [], "vae": [], "image_encoder": []}
+    assert [n for n, _ in loaded] == ["text_encoder", "text_encoder_2", "vae", "image_encoder"]
     assert [n for n, ref in loaded if ref() is not None] == [] and gc_calls == []
 
 
@@ -216,4 +221,6 @@ def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):
     make_prepared(tmp_path / "prepared", 5, PANEL)
     with pytest.raises(OSError, match="No space left on device"):
         encode(params_for(tmp_path), device="cpu")
-    assert not (tmp_path / "latents" / META).exists() and not (tmp_path / "latents" / "vision-00000.safetensors").exists()
+    written = sorted(p.name for p in (tmp_path / "latents").iterdir())
+    assert META not in written and "vae-00001.safetensors" not in written and "vae-00000.safetensors" in written
+    assert calls[3:7] == ["geometry.safetensors", "vae-00000.safetensors", "vision-00000.safetensors", "vae-00001.safetensors"]
