@@ -210,6 +210,15 @@ def _load_error(cfg: ModelConfig, name: str, source: str, subfolder: str | None,
                    "a cache that holds them (HF_HUB_OFFLINE=1 stops all network access).")
 
 
+@cache
+def _vision_tower(cls):
+    """``cls`` loading quietly from a whole ``CLIPModel`` checkpoint (openai/clip-vit-large-patch14, the tiny
+    ``image_encoder`` folder): the text tower's weights there are expected extras, not a load report to print.
+    Missing vision weights are still reported."""
+    ignore = {r"^text_model\.", r"^text_projection\.", r"^logit_scale$"}
+    return type(cls.__name__, (cls,), {"_keys_to_ignore_on_load_unexpected": ignore, "__module__": cls.__module__})
+
+
 def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype):
     """Load one component of a diffusers FLUX.1-Fill folder (hub id or local) or of the CLIP vision tower."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -230,7 +239,7 @@ def _load_pretrained(cfg: ModelConfig, name: str, device: torch.device, dtype: t
         "tokenizer": (CLIPTokenizer, pretrained, "tokenizer"),
         "tokenizer_2": (T5TokenizerFast, pretrained, "tokenizer_2"),
         "scheduler": (FlowMatchEulerDiscreteScheduler, pretrained, "scheduler"),
-        "image_encoder": (CLIPVisionModelWithProjection, image_encoder, None),
+        "image_encoder": (_vision_tower(CLIPVisionModelWithProjection), image_encoder, None),
         "image_processor": (_clip_image_processor_class(), image_encoder, None),
     }
     cls, source, subfolder = loaders[name]

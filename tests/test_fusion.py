@@ -50,7 +50,8 @@ def _tiny_clip(projection_dim=12, text_hidden=16):
     cfg = CLIPConfig(text_config={"hidden_size": text_hidden, "intermediate_size": 32, "num_hidden_layers": 1,
                                   "num_attention_heads": 2, "max_position_embeddings": 16, "vocab_size": 64},
                      vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+                                    "num_attention_heads": 2, "image_size": 16, "patch_size": 8,
+                                    "projection_dim": projection_dim},  # what a vision tower loaded from it builds
                      projection_dim=projection_dim)
     return CLIPModel(cfg).eval()
 
@@ -133,3 +134,32 @@ def test_old_mode_pooled_names_learned(tmp_path):
     with pytest.raises(ValueError, match=r"'pooled' is now 'learned'"):
         SemanticFusion("pooled", 8, 6)
     assert validate({}).fusion.mode == "learned"
+
+
+def test_the_vision_tower_loads_quietly_from_a_whole_clip_checkpoint_but_reports_missing_weights(tmp_path):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from fluxfill.models import load_component
+
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
+    logger.addHandler(handler)
+    try:
+        clip = _tiny_clip()
+        clip.save_pretrained(tmp_path / "clip")
+        params = validate({"model": {"preset": "flux-fill-dev", "image_encoder": str(tmp_path / "clip")}})
+        tower = load_component(params.model, "image_encoder")
+        assert torch.equal(tower.visual_projection.weight, clip.visual_projection.weight)
+        assert reports == []  # the text tower's weights are expected extras
+        weights = load_file(tmp_path / "clip" / "model.safetensors")
+        del weights["vision_model.encoder.layers.0.mlp.fc1.weight"]
+        save_file(weights, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
+        load_component(params.model, "image_encoder")
+    finally:
+        logger.removeHandler(handler)
+    assert len(reports) == 1 and "LOAD REPORT" in reports[0] and "MISSING" in reports[0]
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in reports[0] and "text_model" not in reports[0]
