@@ -40,7 +40,7 @@ from bench.common import params, write_result
 from fluxfill.encode import LatentCache, encode
 from fluxfill.fusion import SemanticFusion
 from fluxfill.models import add_lora, load_component
-from fluxfill.objective import flow_matching_step
+from fluxfill.objective import flow_matching_step, model_dtype
 from tests.helpers import make_prepared
 
 SAMPLES, PANEL, BATCH, WARMUP, STEPS, ROUNDS, TARGET_MS = 16, 128, 4, 3, 30, 5, 5.0
@@ -58,10 +58,12 @@ class Bare:
         self.opt = torch.optim.AdamW([*(q for q in self.transformer.parameters() if q.requires_grad),
                                       *self.fusion.parameters()], lr=p.train.learning_rate)
         self.batch, self.i = cache.collate([cache[i] for i in range(BATCH)]), 0
+        self.dtype = model_dtype(self.transformer)  # looked up once, as fluxfill.step.Trainer does
 
     def __call__(self) -> tuple[float, float]:
         c, w = time.thread_time(), time.perf_counter()
-        out = flow_matching_step(self.transformer, self.fusion, self.batch, generator=torch.Generator().manual_seed(self.i))
+        out = flow_matching_step(self.transformer, self.fusion, self.batch, generator=torch.Generator().manual_seed(self.i),
+                                 dtype=self.dtype)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

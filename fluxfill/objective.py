@@ -31,6 +31,11 @@ class StepOutput:
     pooled: torch.Tensor          # [B, P] fused pooled embedding fed to AdaLN
 
 
+def model_dtype(transformer) -> torch.dtype:
+    """The dtype of ``transformer``'s weights, through any DDP/FSDP/compile wrapper (a DDP wrapper has no .dtype)."""
+    return extract_model_from_parallel(transformer).dtype
+
+
 def check_batch(batch: dict) -> None:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
@@ -65,15 +70,17 @@ def fused_pooled(fusion, batch: dict) -> torch.Tensor:
 
 
 def flow_matching_step(transformer, fusion, batch: dict, loss_region: str = "all", guidance: float = 1.0,
-                       generator: torch.Generator | Sequence[torch.Generator] | None = None) -> StepOutput:
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                       dtype: torch.dtype | None = None) -> StepOutput:
     """One training forward pass on cached tensors; returns the loss and what went in and out.
 
-    ``transformer`` may be wrapped (DDP, FSDP, compiled); ``generator`` is one for the batch or one per sample.
+    ``transformer`` may be wrapped (DDP, FSDP, compiled); ``generator`` is one for the batch or one per sample;
+    ``dtype`` is the transformer's (looked up when None: a walk over its modules, which a loop does once).
     """
     check_batch(batch)
     x_0 = batch["x_0"]  # [B, N, 64]
     sigma, noise = sample_noise(x_0.shape, x_0.device, generator)  # [B], [B, N, 64]
-    out = denoise(transformer, fusion, batch, sigma, noise, guidance)
+    out = denoise(transformer, fusion, batch, sigma, noise, guidance, dtype)
     err = (out.model_output.float() - out.target) ** 2  # [B, N, 64]
     if loss_region == "all":
         out.loss = err.mean()
@@ -86,10 +93,10 @@ def flow_matching_step(transformer, fusion, batch: dict, loss_region: str = "all
 
 
 def denoise(transformer, fusion, batch: dict, sigma: torch.Tensor, noise: torch.Tensor,
-            guidance: float = 1.0) -> StepOutput:
+            guidance: float = 1.0, dtype: torch.dtype | None = None) -> StepOutput:
     """The velocity prediction at noise level ``sigma [B]`` with ``noise [B, N, 64]``; ``loss`` is left None."""
     check_batch(batch)
-    dtype = extract_model_from_parallel(transformer).dtype  # a DDP wrapper has no .dtype
+    dtype = dtype or model_dtype(transformer)
     x_0 = batch["x_0"].float()  # [B, N, 64]
     b = x_0.shape[0]
     s = sigma[:, None, None]  # [B, 1, 1]

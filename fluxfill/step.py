@@ -23,7 +23,7 @@ import torch
 
 from .config import FluxfillError, Params, TrainConfig
 from .models import add_lora, load_component, resolve_dtype
-from .objective import flow_matching_step
+from .objective import flow_matching_step, model_dtype
 
 
 def mixed_precision(t: TrainConfig, device: torch.device) -> str:
@@ -197,6 +197,7 @@ class Trainer:
     max_grad_norm: float
     loss_region: str
     checkpointing: bool | int  # every block, none, or the first N
+    dtype: torch.dtype  # the base's weight dtype: the inputs' cast, looked up once
 
 
 def build(params: Params, accelerator, transformer, fusion, checkpointing: bool | int | None = None) -> Trainer:
@@ -222,7 +223,7 @@ def build(params: Params, accelerator, transformer, fusion, checkpointing: bool 
     set_compiled(accelerator.unwrap_model(transformer), compile_setting(params, device))
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     return Trainer(accelerator, transformer, fusion, optimizer, scheduler, trainable, t.max_grad_norm, t.loss_region,
-                   checkpointing)
+                   checkpointing, model_dtype(transformer))
 
 
 def train_step(trainer: Trainer, batch: dict,
@@ -233,7 +234,7 @@ def train_step(trainer: Trainer, batch: dict,
     acc, grad_norm = trainer.accelerator, None
     with acc.accumulate(trainer.transformer, trainer.fusion):
         loss = flow_matching_step(trainer.transformer, trainer.fusion, batch, trainer.loss_region,
-                                  generator=generators).loss
+                                  generator=generators, dtype=trainer.dtype).loss
         acc.backward(loss)
         if acc.sync_gradients:
             grad_norm = acc.clip_grad_norm_(trainer.trainable, trainer.max_grad_norm)

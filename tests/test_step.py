@@ -140,8 +140,9 @@ def test_precision_policy(mixed, dtype, device, expect):
     assert step_module.resolve(True, torch.device("cpu")) is True and TrainConfig().compile == "auto"
 
 
-def test_build_keeps_the_dtype_policy_and_prepares_for_accelerate(workdir):
+def test_build_keeps_the_dtype_policy_and_prepares_for_accelerate(workdir, monkeypatch):
     from accelerate import Accelerator
+    from fluxfill import objective
     from fluxfill.fusion import SemanticFusion
 
     params = validate({"model": {"dtype": "bf16"}, "train": {"lora": {"rank": 4, "alpha": 4}, "compile": False,
@@ -151,6 +152,8 @@ def test_build_keeps_the_dtype_policy_and_prepares_for_accelerate(workdir):
     fusion = SemanticFusion("learned", 32, 24)
     trainer = step_module.build(params, accelerator, transformer, fusion)
     assert trainer.transformer.training and trainer.transformer.dtype == torch.bfloat16
+    assert trainer.dtype == torch.bfloat16  # the inputs' cast, looked up once: a step walks no module tree for it
+    monkeypatch.setattr(objective, "extract_model_from_parallel", lambda m: pytest.fail("dtype looked up in a step"))
     lora = [p for p in transformer.parameters() if p.requires_grad]
     assert {p.dtype for p in lora} == {torch.float32} and {p.dtype for p in trainer.trainable} == {torch.float32}
     assert len(trainer.trainable) == len(lora) + 2  # + the fusion's θ and W (no bias)
