@@ -70,11 +70,20 @@ def _held(command: str | None, argv: list[str]):
     return training_lock()
 
 
+# what libraries log that is not the user's concern (-v shows it): optional torchao kernels that do not load on
+# this machine (and diffusers' note about them), torch's deprecation notes on torchao's enums, per-file notes
+QUIET = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
+         "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR, "accelerate.checkpointing": logging.WARNING,
+         "httpx": logging.WARNING, "urllib3": logging.WARNING, "alembic": logging.WARNING,
+         "mlflow.store": logging.WARNING, "filelock": logging.WARNING}
+
+
 def _run(command: str | None, argv: list[str]) -> int:
+    verbose = bool({"-v", "--verbose"} & set(argv))
+    for name, level in QUIET.items():  # before the command's module imports them
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     params = load_params(args.params, args.overrides)
     return int(args._module.run(params, args) or 0)
 

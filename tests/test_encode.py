@@ -224,3 +224,31 @@ def test_a_failed_background_write_fails_the_encode(tmp_path, monkeypatch):
     written = sorted(p.name for p in (tmp_path / "latents").iterdir())
     assert META not in written and "vae-00001.safetensors" not in written and "vae-00000.safetensors" in written
     assert calls[3:7] == ["geometry.safetensors", "vae-00000.safetensors", "vision-00000.safetensors", "vae-00001.safetensors"]
+
+
+def test_the_cli_prints_no_library_noise_unless_verbose(tmp_path):
+    """`fluxfill encode` in a fresh interpreter: torchao's kernel-loading failures on a CPU, torch's notes on its
+    enums and the vision tower's load report stay out of the output; -v shows the library logs."""
+    import subprocess
+    import sys
+
+    make_prepared(tmp_path / "prepared", 3, PANEL)
+    sets = ["--set", f"data.panel_size={PANEL}", "--set", "data.output=prepared", "--set", "encode.output=latents",
+            "--set", "model.max_sequence_length=16"]
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, "-m", "fluxfill.cli", *extra, "encode", *sets], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout + out.stderr
+
+    quiet = run()
+    assert "encode: 3 shard file(s) written, 0 up to date -> latents" in quiet
+    for noise in ("Failed to load", "_pytree", "Unable to import `torchao`", "LOAD REPORT"):
+        assert noise not in quiet
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is not None:  # the [quantize] extra: its import logs are there with -v
+        (tmp_path / "latents" / "meta.json").unlink()
+        verbose = run("-v")
+        assert "encode: 0 shard file(s) written, 3 up to date -> latents" in verbose and "torchao" in verbose
