@@ -186,6 +186,23 @@ def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypat
     assert [n for n, ref in loaded if ref() is not None] == [] and gc_calls == []
 
 
+@pytest.mark.parametrize("lost", [("vision-00001.safetensors",), ("vae-00000.safetensors", "vision-00002.safetensors")])
+def test_lost_image_shards_are_encoded_again_alone_and_identically(cache, monkeypatch, lost):
+    """The image phase writes only the lost files, from one pass, and loads only the encoders they need."""
+    from fluxfill import encode as encode_module
+
+    params, _, out = cache
+    before = files(out)
+    loaded, real = [], encode_module.load_component
+    monkeypatch.setattr(encode_module, "load_component", lambda cfg, name, *a, **k: loaded.append(name) or real(cfg, name, *a, **k))
+    for name in lost:
+        (out / name).unlink()
+    again = encode(params, device="cpu")
+    assert sorted(again["written"]) == sorted(lost) and files(out) == before
+    vae_lost = any(name.startswith("vae") for name in lost)
+    assert loaded == ["vae"] * vae_lost + ["image_encoder", "image_processor"]
+
+
 def test_missing_geometry_alone_is_rebuilt_identically(cache):
     params, _, out = cache
     before = (out / GEOMETRY).read_bytes()
