@@ -71,9 +71,10 @@ def _held(command: str | None, argv: list[str]):
 
 
 # what libraries log that is not the user's concern (-v shows it): optional torchao kernels that do not load on
-# this machine (and diffusers' note about them), torch's deprecation notes on torchao's enums, per-file notes
+# this machine (and diffusers' note about them), torch's deprecation notes on torchao's enums, accelerate's
+# lines for every file a checkpoint saves
 QUIET = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
-         "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR, "accelerate.checkpointing": logging.WARNING,
+         "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR, "accelerate": logging.WARNING,
          "httpx": logging.WARNING, "urllib3": logging.WARNING, "alembic": logging.WARNING,
          "mlflow.store": logging.WARNING, "filelock": logging.WARNING}
 

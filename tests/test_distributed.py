@@ -138,6 +138,7 @@ def test_two_processes_train_the_model_of_one_with_the_doubled_batch(latents, tw
     assert runs[0].data.params["train.num_processes"] == "2"
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3, 4]
     assert run.stdout.count("train: 4 steps") == 1  # one summary line, from the main process
+    assert "INFO accelerate" not in run.stdout + run.stderr  # no line per file a checkpoint saves, on any rank
     ckpt = next(work.glob("checkpoints/*/checkpoint-000002"))  # every rank took part: RNG states of both
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert json.loads((ckpt / "fluxfill_state.json").read_text())["global_batch"] == 4
