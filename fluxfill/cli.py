@@ -34,6 +34,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _verbose_flag(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (so ``--help`` and light commands start fast)."""
     parser = argparse.ArgumentParser(
@@ -41,7 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Fine-tune FLUX.1-Fill-dev with in-context diptych training and a learnable fusion weight.",
         epilog="Each stage is also a DVC stage (`dvc repro`) and a Prefect flow (flows/).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbose_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if name != command:
@@ -80,7 +86,7 @@ QUIET = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
 
 
 def _run(command: str | None, argv: list[str]) -> int:
-    verbose = bool({"-v", "--verbose"} & set(argv))
+    verbose = _verbose_flag().parse_known_args(argv)[0].verbose  # as argparse reads it (--verb too)
     for name, level in QUIET.items():  # before the command's module imports them
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
     args = build_parser(command).parse_args(argv)

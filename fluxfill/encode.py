@@ -146,22 +146,20 @@ def _batches(rows: pd.DataFrame, size: int):
         yield rows.iloc[start:start + size]
 
 
-def _ahead(fn, items, depth: int = 2):
-    """``(item, fn(item))`` in order, ``fn`` running ``depth`` items ahead in a worker thread.
+def _ahead(pool: ThreadPoolExecutor, fn, items, depth: int = 2):
+    """``(item, fn(item))`` in order, ``fn`` running ``depth`` items ahead in ``pool``'s worker thread.
 
     The first ``depth`` calls start at once, so they overlap the model loading that follows. PNG decoding and
     cropping release the GIL, so the next batches are read while the model encodes this one.
     """
     items = iter(items)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read")
     queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, depth))
 
     def results():
-        with pool:
-            while queue:
-                item, future = queue.popleft()
-                queue.extend((nxt, pool.submit(fn, nxt)) for nxt in itertools.islice(items, 1))
-                yield item, future.result()
+        while queue:
+            item, future = queue.popleft()
+            queue.extend((nxt, pool.submit(fn, nxt)) for nxt in itertools.islice(items, 1))
+            yield item, future.result()
 
     return results()
 
@@ -252,36 +250,37 @@ def _encode_images(job: _Job, vae_todo: list[tuple[Shard, str]], vision_todo: li
     pending = {"vae": {sh.index: fp for sh, fp in vae_todo}, "vision": {sh.index: fp for sh, fp in vision_todo}}
     shards = sorted({sh.index: sh for sh, _ in vae_todo + vision_todo}.values(), key=lambda sh: sh.index)
     items = [(sh, b) for sh in shards for b in _batches(sh.rows, job.params.encode.batch_size)] or [(None, first_rows)]
-    reads = _ahead(lambda item: load_triptychs(job.prepared, item[1]), items)  # decoding starts now
     geometry = bool(vae_todo) or not (job.out / GEOMETRY).exists()
-    vae = vae_pipeline(job.load("vae")) if geometry else None
-    vision = (job.load("image_encoder"), job.load("image_processor")) if vision_todo else None
     parts, seen = {"x_0": [], "masked_latents": [], "image_embeds": []}, 0
-    bar = tqdm(total=len(shards), desc="encode images", unit="shard")
-    for i, ((sh, rows), panels) in enumerate(reads):
-        wanted = {ph for ph, fps in pending.items() if sh is not None and sh.index in fps}
-        if "vae" in wanted or i == 0 and geometry:
-            enc = encode_diptychs(vae, [p.diptych for p in panels], [p.mask for p in panels])
-            parts["x_0"].append(enc.x_0)  # [b, N, 64]
-            parts["masked_latents"].append(enc.masked_latents)  # [b, N, 64]
-            if i == 0 and geometry:  # the same for every sample: it depends on the panel size only
-                job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(job.store),  # [1, N, 256]
-                                          "img_ids": enc.img_ids.float(),  # [N, 3]
-                                          "txt_ids": text_ids(job.params.model.max_sequence_length)},  # [T, 3]
-                                         {"panel_size": job.params.data.panel_size})
-        if "vision" in wanted:
-            parts["image_embeds"].append(encode_references(*vision, [p.reference for p in panels]))  # [b, E]
-        seen += len(rows)
-        if sh is None or seen < len(sh.rows):  # not the shard's last batch
-            continue
-        cat = {k: torch.cat(v).to(job.store) for k, v in parts.items() if v}  # [S, ...]
-        if "vae" in wanted:
-            job.writer.save(sh, "vae", pending["vae"][sh.index], {k: cat[k] for k in ("x_0", "masked_latents")})
-        if "vision" in wanted:
-            job.writer.save(sh, "vision", pending["vision"][sh.index], {"image_embeds": cat["image_embeds"]})
-        parts, seen = {k: [] for k in parts}, 0
-        bar.update(1)
-    bar.close()
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool,  # joined on any exit
+          tqdm(total=len(shards), desc="encode images", unit="shard") as bar):
+        reads = _ahead(pool, lambda item: load_triptychs(job.prepared, item[1]), items)  # decoding starts now
+        vae = vae_pipeline(job.load("vae")) if geometry else None
+        vision = (job.load("image_encoder"), job.load("image_processor")) if vision_todo else None
+        for i, ((sh, rows), panels) in enumerate(reads):
+            wanted = {ph for ph, fps in pending.items() if sh is not None and sh.index in fps}
+            if "vae" in wanted or i == 0 and geometry:
+                enc = encode_diptychs(vae, [p.diptych for p in panels], [p.mask for p in panels])
+                if i == 0 and geometry:  # the same for every sample: it depends on the panel size only
+                    job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(job.store),  # [1, N, 256]
+                                              "img_ids": enc.img_ids.float(),  # [N, 3]
+                                              "txt_ids": text_ids(job.params.model.max_sequence_length)},  # [T, 3]
+                                             {"panel_size": job.params.data.panel_size})
+                if "vae" in wanted:
+                    parts["x_0"].append(enc.x_0)  # [b, N, 64]
+                    parts["masked_latents"].append(enc.masked_latents)  # [b, N, 64]
+            if "vision" in wanted:
+                parts["image_embeds"].append(encode_references(*vision, [p.reference for p in panels]))  # [b, E]
+            seen += len(rows)
+            if sh is None or seen < len(sh.rows):  # not the shard's last batch
+                continue
+            cat = {k: torch.cat(v).to(job.store) for k, v in parts.items() if v}  # [S, ...] of the wanted kinds
+            if "vae" in wanted:
+                job.writer.save(sh, "vae", pending["vae"][sh.index], {k: cat[k] for k in ("x_0", "masked_latents")})
+            if "vision" in wanted:
+                job.writer.save(sh, "vision", pending["vision"][sh.index], {"image_embeds": cat["image_embeds"]})
+            parts, seen = {k: [] for k in parts}, 0
+            bar.update(1)
     return [weakref.ref(m) for m in (vae and vae.vae, vision and vision[0]) if m is not None]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import yaml
 
@@ -107,3 +109,19 @@ def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys):
     assert err.startswith(f"fluxfill prepare: {f}: 1 invalid setting(s):")
     assert "data.panel_size: Value error, panel_size 500 is not a positive multiple of 16" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, level", [([], logging.ERROR), (["-v"], logging.DEBUG), (["--verb"], logging.DEBUG)])
+def test_cli_quiets_library_loggers_unless_verbose_as_argparse_reads_the_flag(flag, level, tmp_path, capsys):
+    from fluxfill.cli import QUIET
+
+    f = tmp_path / "params.yaml"
+    f.write_text("data:\n  panel_size: 500\n")  # refused before anything runs
+    before = {name: logging.getLogger(name).level for name in QUIET}
+    try:
+        assert main([*flag, "prepare", "--params", str(f)]) == 2
+        assert logging.getLogger("torchao").level == level
+        assert logging.getLogger("accelerate").level == (logging.WARNING if level == logging.ERROR else level)
+    finally:
+        for name, old in before.items():
+            logging.getLogger(name).setLevel(old)

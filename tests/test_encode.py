@@ -186,9 +186,11 @@ def test_each_model_family_is_released_before_the_next_loads(tmp_path, monkeypat
     assert [n for n, ref in loaded if ref() is not None] == [] and gc_calls == []
 
 
-@pytest.mark.parametrize("lost", [("vision-00001.safetensors",), ("vae-00000.safetensors", "vision-00002.safetensors")])
+@pytest.mark.parametrize("lost", [("vision-00001.safetensors",), ("vae-00000.safetensors", "vision-00002.safetensors"),
+                                  ("vision-00001.safetensors", GEOMETRY)])
 def test_lost_image_shards_are_encoded_again_alone_and_identically(cache, monkeypatch, lost):
-    """The image phase writes only the lost files, from one pass, and loads only the encoders they need."""
+    """The image phase writes only the lost files, from one pass, and loads only the encoders they need (the
+    VAE for a lost geometry file too)."""
     from fluxfill import encode as encode_module
 
     params, _, out = cache
@@ -198,8 +200,8 @@ def test_lost_image_shards_are_encoded_again_alone_and_identically(cache, monkey
     for name in lost:
         (out / name).unlink()
     again = encode(params, device="cpu")
-    assert sorted(again["written"]) == sorted(lost) and files(out) == before
-    vae_lost = any(name.startswith("vae") for name in lost)
+    assert sorted(again["written"]) == sorted(n for n in lost if n != GEOMETRY) and files(out) == before
+    vae_lost = any(name.startswith("vae") or name == GEOMETRY for name in lost)
     assert loaded == ["vae"] * vae_lost + ["image_encoder", "image_processor"]
 
 
@@ -269,3 +271,25 @@ def test_the_cli_prints_no_library_noise_unless_verbose(tmp_path):
         (tmp_path / "latents" / "meta.json").unlink()
         verbose = run("-v")
         assert "encode: 0 shard file(s) written, 3 up to date -> latents" in verbose and "torchao" in verbose
+
+
+def test_a_failed_model_load_leaves_no_reader_thread_behind(cache, monkeypatch):
+    """The first triptych reads start before the image encoders load; when a load fails, the reader still ends."""
+    import threading
+
+    from fluxfill import encode as encode_module
+
+    params, _, out = cache
+    (out / "vision-00000.safetensors").unlink()
+    real = encode_module.load_component
+
+    def load_component(cfg, name, *args, **kwargs):
+        if name == "image_encoder":
+            raise FluxfillError("image encoder weights missing")
+        return real(cfg, name, *args, **kwargs)
+
+    monkeypatch.setattr(encode_module, "load_component", load_component)
+    with pytest.raises(FluxfillError, match="image encoder weights missing") as failure:
+        encode(params, device="cpu")
+    assert failure.value.__traceback__ is not None  # the traceback (and its frames) are still held here
+    assert [t.name for t in threading.enumerate() if t.name.startswith("encode-read")] == []
