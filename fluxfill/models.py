@@ -348,8 +348,9 @@ def quantize_base(module: torch.nn.Module, mode: str, device: str | torch.device
 
     ``int8``: int8 weights with one scale per output row; ``fp8``: float8 e4m3 weights, one scale per row;
     ``nf4``: 4-bit NormalFloat in blocks of 64 (QLoRA's format). Weight-only: each matmul runs in the compute
-    dtype. ``fp8`` leaves a layer with an all-zero output row (the tiny model's frozen guidance embedder) as is. Called before the LoRA is attached (peft then wraps the quantised layers). ``device``: each layer
-    moves there just before it is quantised.
+    dtype. ``fp8`` leaves a layer with an all-zero output row (the tiny model's frozen guidance embedder) as is.
+    Called before the LoRA is attached (peft then wraps the quantised layers). ``device``: each layer moves there
+    just before it is quantised.
     """
     if mode == "none":
         return 0
