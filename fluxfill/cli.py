@@ -76,19 +76,21 @@ def _held(command: str | None, argv: list[str]):
     return training_lock()
 
 
-# what libraries log that is not the user's concern (-v shows it): optional torchao kernels that do not load on
-# this machine (and diffusers' note about them), torch's deprecation notes on torchao's enums, accelerate's
-# lines for every file a checkpoint saves
+# what libraries log that is not the user's concern unless -v: optional torchao kernels that do not load on this
+# machine (and diffusers' note about them), torch's deprecation notes on torchao's enums, accelerate's lines for
+# every file a checkpoint saves
 QUIET = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
-         "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR, "accelerate": logging.WARNING,
-         "httpx": logging.WARNING, "urllib3": logging.WARNING, "alembic": logging.WARNING,
-         "mlflow.store": logging.WARNING, "filelock": logging.WARNING}
+         "diffusers.quantizers.torchao.torchao_quantizer": logging.ERROR, "accelerate": logging.WARNING}
+# request and database chatter: warnings only, -v or not
+CHATTY = ("httpx", "urllib3", "alembic", "mlflow.store", "filelock")
 
 
 def _run(command: str | None, argv: list[str]) -> int:
     verbose = _verbose_flag().parse_known_args(argv)[0].verbose  # as argparse reads it (--verb too)
     for name, level in QUIET.items():  # before the command's module imports them
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)

@@ -111,17 +111,18 @@ def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, level", [([], logging.ERROR), (["-v"], logging.DEBUG), (["--verb"], logging.DEBUG)])
+@pytest.mark.parametrize("flag, level", [([], logging.ERROR), (["-v"], logging.NOTSET), (["--verb"], logging.NOTSET)])
 def test_cli_quiets_library_loggers_unless_verbose_as_argparse_reads_the_flag(flag, level, tmp_path, capsys):
-    from fluxfill.cli import QUIET
+    from fluxfill.cli import CHATTY, QUIET
 
     f = tmp_path / "params.yaml"
     f.write_text("data:\n  panel_size: 500\n")  # refused before anything runs
-    before = {name: logging.getLogger(name).level for name in QUIET}
+    before = {name: logging.getLogger(name).level for name in [*QUIET, *CHATTY]}
     try:
         assert main([*flag, "prepare", "--params", str(f)]) == 2
-        assert logging.getLogger("torchao").level == level
+        assert logging.getLogger("torchao").level == level  # NOTSET: the root's level (DEBUG with -v)
         assert logging.getLogger("accelerate").level == (logging.WARNING if level == logging.ERROR else level)
+        assert logging.getLogger("httpx").level == logging.WARNING  # request chatter stays out, -v or not
     finally:
         for name, old in before.items():
             logging.getLogger(name).setLevel(old)
