@@ -140,7 +140,18 @@ def _luma(a: np.ndarray) -> np.ndarray:
     return a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # [H, W]
 
 
-def _progress(what: str, losses: list[float], total: int, every: int = 100) -> None:
+def _update(what: str, loss: torch.Tensor, opt, losses: list[float], total: int, clip=None, sched=None,
+            every: int = 100) -> None:
+    """One optimiser step on ``loss`` (gradient norm of ``clip`` clipped to 1 first, ``sched`` stepped after);
+    logs the mean loss every ``every`` steps."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    losses.append(loss.item())
     if len(losses) % every == 0 or len(losses) == total:
         log.info("%s step %d/%d: loss %.4f (mean of the last %d)", what, len(losses), total,
                  float(np.mean(losses[-every:])), min(every, len(losses)))
@@ -184,11 +195,7 @@ def train_clip(clip, processor, tokenizer, pool: dict[str, np.ndarray], r: Recip
         targets = same / same.sum(dim=1, keepdim=True)
         loss = 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
                       + torch.sum(-targets * logits.t().log_softmax(1), 1).mean())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        _progress("clip", losses, r.clip_steps)
+        _update("clip", loss, opt, losses, r.clip_steps)
     clip.eval()
     return losses
 
@@ -215,13 +222,7 @@ def train_vae(vae, pool: dict[str, np.ndarray], r: Recipe) -> list[float]:
         x = _batch_tensor(crops)  # [B, 3, S, S]
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample  # [B, 3, S, S]
         loss = torch.nn.functional.mse_loss(y, x)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        _progress("vae", losses, r.vae_steps)
+        _update("vae", loss, opt, losses, r.vae_steps, clip=vae.parameters(), sched=sched)
     vae.eval()
     return losses
 
@@ -369,13 +370,7 @@ def train_transformer(transformer, data: dict[int, dict[str, torch.Tensor]], r: 
         batch = {k: v[idx] for k, v in d.items() if k != "img_ids"}
         batch.update(mask_latents=batch["mask_latents"].float(), img_ids=d["img_ids"], txt_ids=text_ids(r.text_tokens))
         loss = flow_matching_step(transformer, no_fusion, batch, generator=gen).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        _progress("transformer", losses, r.steps)
+        _update("transformer", loss, opt, losses, r.steps, clip=params, sched=sched)
     transformer.eval()
     return losses
 
