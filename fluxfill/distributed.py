@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -134,9 +135,14 @@ def record_failure(error: BaseException) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """In a worker: the launcher's SIGTERM (another rank failed) raises :class:`WorkerStopped` (runs end FAILED)."""
+    """In a worker: the launcher's SIGTERM (another rank failed) raises :class:`WorkerStopped` (runs end FAILED).
+
+    A worker already unwinding from an error (its collective failed when the other rank exited) ignores the
+    signal: raising again inside its cleanup would cut short the write that ends its MLflow run FAILED.
+    """
     def stopped(signum, frame):
-        raise WorkerStopped("stopped by the launcher: another rank failed")
+        if sys.exc_info()[1] is None:
+            raise WorkerStopped("stopped by the launcher: another rank failed")
 
     signal.signal(signal.SIGTERM, stopped)
 

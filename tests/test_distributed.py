@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,9 +23,16 @@ import yaml
 from helpers import make_prepared
 from safetensors.torch import load_file, save_file
 
+from fluxfill import tracking
 from fluxfill.artifacts import TRAIN_PLOT, VAL_PLOT
 from fluxfill.config import FluxfillError, LoraConfig, validate
-from fluxfill.distributed import load_trainable_state_dict, trainable_state_dict, with_world_size
+from fluxfill.distributed import (
+    WorkerStopped,
+    load_trainable_state_dict,
+    stop_on_sigterm,
+    trainable_state_dict,
+    with_world_size,
+)
 from fluxfill.encode import LatentCache, encode
 from fluxfill.objective import flow_matching_step, sample_noise
 from fluxfill.step import sample_generators
@@ -118,6 +126,30 @@ def test_world_size_comes_from_the_launcher():
         with_world_size(two, 4)
 
 
+def test_the_launchers_stop_signal_leaves_a_failing_worker_to_end_its_run_failed(tmp_path, monkeypatch):
+    """torchrun's SIGTERM can reach a worker already failing (its collective broke when the other rank exited)
+    while it writes FAILED to MLflow: that write must finish. A worker still training is stopped by it."""
+    params = validate(raw_params(tmp_path))
+    real = mlflow.MlflowClient.set_terminated
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs at the next bytecode, in the middle of ending the run
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", signalled)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
+    try:
+        with pytest.raises(RuntimeError, match="Connection closed by peer"), tracking.start_run(params) as run:
+            raise RuntimeError("[gloo] Connection closed by peer")
+        assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+        with pytest.raises(WorkerStopped, match="another rank failed"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the handler raises first
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.fixture(scope="module")
 def two_processes(latents, tmp_path_factory):
     """`fluxfill train --set train.num_processes=2 --fresh`, batch 2 per process; its folder and timing."""
@@ -172,7 +204,7 @@ def test_failing_rank_stops_all_and_resume_is_exact_or_keeps_the_global_batch(la
                                                    "injected by FLUXFILL_FAIL_AT=1:3 on rank 1 at step 3")
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     (failed,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert failed.info.status == "FAILED" and not (work / "models").exists()
+    assert failed.info.status == "FAILED" and not (work / "models").exists(), run.stderr[-4000:]
     assert [p.name for p in work.glob("checkpoints/*/checkpoint-*")] == ["checkpoint-000002"]
 
     # another world size with another global batch: refused, saying what to set
