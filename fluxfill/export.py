@@ -26,17 +26,15 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import FUSION_FILE, LORA_DIR, LORA_WEIGHTS
+from .artifacts import FUSION_FILE, LORA_DIR, LORA_WEIGHTS, reading
 from .config import FluxfillError, Params
 
 FORMATS = ("diffusers", "kohya", "comfyui")
@@ -162,33 +160,29 @@ def layout(bfl: dict[str, tuple[torch.Tensor, torch.Tensor, float]], fmt: str) -
 
 
 def export(model_dir: Path, fmt: str, out: Path) -> list[Path]:
-    """Write ``out`` in ``fmt`` (and the fusion sidecar for kohya/comfyui); returns the files written."""
+    """Write ``out`` in ``fmt`` and, unless fusion.mode is none, the fusion sidecar; returns the files written."""
+    from .sampling import load_fusion
+
     if fmt not in FORMATS:
         raise FluxfillError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     lora = model_dir / LORA_DIR / LORA_WEIGHTS
     if not lora.exists():
         raise FluxfillError(f"{lora} not found: run `fluxfill train` (or `dvc repro train`) first")
+    with reading(lora, "train", "LoRA file"):  # read in every format: a damaged file is never copied
+        modules, alpha = read_diffusers_lora(lora)
+    fusion = load_fusion(model_dir / FUSION_FILE)  # missing or damaged: one line naming it
+    sidecar = out.with_name(out.name.removesuffix(".safetensors") + ".fusion.safetensors") if fusion.enabled else None
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
         shutil.copyfile(lora, out)
-        return [out]
-    modules, alpha = read_diffusers_lora(lora)
-    tensors = layout(to_bfl(modules, alpha), fmt)
-    written = [out]
-    meta = {"fluxfill.format": fmt, "fluxfill.note": "FLUX.1-Fill only: img_in has 384 input features"}
-    fusion = model_dir / FUSION_FILE
-    if fusion.exists() and _fusion_mode(fusion) != "none":
-        sidecar = out.with_name(out.name.removesuffix(".safetensors") + ".fusion.safetensors")
-        shutil.copyfile(fusion, sidecar)
-        meta["fluxfill.fusion_sidecar"] = sidecar.name
-        written.append(sidecar)
-    save_file(tensors, str(out), metadata=meta)
-    return written
-
-
-def _fusion_mode(file: Path) -> str | None:
-    with safe_open(str(file), "pt") as f:
-        return json.loads((f.metadata() or {}).get("fluxfill.fusion", "{}")).get("mode")
+    else:
+        meta = {"fluxfill.format": fmt, "fluxfill.note": "FLUX.1-Fill only: img_in has 384 input features"}
+        if sidecar:
+            meta["fluxfill.fusion_sidecar"] = sidecar.name
+        save_file(layout(to_bfl(modules, alpha), fmt), str(out), metadata=meta)
+    if sidecar:
+        shutil.copyfile(model_dir / FUSION_FILE, sidecar)
+    return [out, sidecar] if sidecar else [out]
 
 
 def add_arguments(parser) -> None:

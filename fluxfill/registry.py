@@ -37,7 +37,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from . import __version__, tracking
 from .artifacts import SPEC_FILE
@@ -267,9 +267,12 @@ def promote(cfg: TrackingConfig, target: str, alias: str) -> tuple[str, str | No
     try:
         before = str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
-        if not _not_found(e) and "not found" not in str(e).lower():
+        if _not_found(e) or "not found" in str(e).lower():
+            before = None
+        elif e.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE):  # MLflow's own check of the alias name
+            raise FluxfillError(f"--alias {alias!r}: {e.message}") from None
+        else:
             raise
-        before = None
     try:
         if target.isdigit():
             ver = str(client.get_model_version(name, target).version)

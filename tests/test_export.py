@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -170,8 +171,11 @@ def test_cli_export_formats_and_fusion_sidecar(tmp_path, model_dir, model_factor
     assert (tmp_path / "comfy.fusion.safetensors").read_bytes() == (model_dir / "fusion.safetensors").read_bytes()
 
     assert main(["export", "--format", "diffusers", "--out", "d/lora.safetensors", "--model", str(model_dir)]) == 0
+    assert "export: diffusers LoRA -> d/lora.safetensors, fusion sidecar -> d/lora.fusion.safetensors" in \
+        capsys.readouterr().out
     lora = model_dir / "lora" / "pytorch_lora_weights.safetensors"
     assert (tmp_path / "d" / "lora.safetensors").read_bytes() == lora.read_bytes()
+    assert (tmp_path / "d" / "lora.fusion.safetensors").read_bytes() == (model_dir / "fusion.safetensors").read_bytes()
 
     model_factory(tmp_path / "baseline", fusion_mode="none")
     assert main(["export", "--format", "kohya", "--out", "k.safetensors", "--model", "baseline"]) == 0
@@ -179,3 +183,28 @@ def test_cli_export_formats_and_fusion_sidecar(tmp_path, model_dir, model_factor
     assert sorted(p.name for p in tmp_path.glob("k*")) == ["k.safetensors"]
     assert main(["export", "--format", "kohya", "--out", "k.safetensors", "--model", "nowhere"]) == 1
     assert "nowhere/lora/pytorch_lora_weights.safetensors not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "comfyui"])
+@pytest.mark.parametrize(("file", "how", "message"), [
+    ("lora/pytorch_lora_weights.safetensors", "truncate", r"damaged or truncated LoRA file \(.+\); rebuild it with "),
+    ("fusion.safetensors", "truncate", r"damaged or truncated fusion file \(.+\); rebuild it with "),
+    ("fusion.safetensors", "delete", r" not found: run `fluxfill train`"),
+])
+def test_a_damaged_or_missing_model_file_is_one_line_and_nothing_is_written(tmp_path, model_dir, monkeypatch, capsys,
+                                                                            fmt, file, how, message):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_dir, folder)
+    target = folder / file
+    if how == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        target.unlink()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--format", fmt, "--out", "out/x.safetensors", "--model", "models"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(rf"fluxfill export: error: models/{re.escape(file)}:? ?{message}",
+                                                   err), err
+    assert not (tmp_path / "out").exists()

@@ -145,6 +145,9 @@ def test_promote_compare_and_edit_by_alias(repo, capsys):
     assert f"'{NAME}' has no version 7" in capsys.readouterr().err
     assert main(["promote", "0123abc", "--alias", "x"]) == 1
     assert "run 0123abc registered no version" in capsys.readouterr().err
+    assert main(["promote", "1", "--alias", "bad alias!"]) == 1  # MLflow's own rule for alias names, on one line
+    assert capsys.readouterr().err == ("fluxfill promote: error: --alias 'bad alias!': Invalid alias name: 'bad alias!'. "
+                                       "Names may only contain alphanumerics, underscores (_), and dashes (-).\n")
 
     assert main(["compare", "--format", "csv"]) == 0
     table = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype=str)
