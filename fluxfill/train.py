@@ -714,7 +714,7 @@ def run(params: Params, args) -> int:
     except KeyboardInterrupt:
         done = "a checkpoint was written" if (world or params.train.num_processes) == 1 else \
             "checkpoints are written every train.checkpoint_every steps"
-        print(f"train: interrupted; {done}, run `fluxfill train` again to resume", file=sys.stderr)
+        print(f"train: interrupted; {done}, run the same command (same --set and --params) again to resume", file=sys.stderr)
         return 130
     if not distributed.is_main_process():
         return 0

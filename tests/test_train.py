@@ -230,7 +230,7 @@ def test_ctrl_c_writes_a_checkpoint_and_a_second_training_is_refused(latents, wo
         log.close()
     err = Path("train.log").read_text()
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted; a checkpoint was written, run `fluxfill train` again to resume" in err
+    assert "interrupted; a checkpoint was written, run the same command (same --set and --params) again to resume" in err
     steps = [int(p.name.split("-")[1]) for p in Path("checkpoints").glob("*/checkpoint-*")]
     assert f"interrupted at step {max(steps)}: writing a checkpoint" in err and max(steps) >= 50
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
