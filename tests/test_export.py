@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -193,8 +194,6 @@ def test_cli_export_formats_and_fusion_sidecar(tmp_path, model_dir, model_factor
 ])
 def test_a_damaged_or_missing_model_file_is_one_line_and_nothing_is_written(tmp_path, model_dir, monkeypatch, capsys,
                                                                             fmt, file, how, message):
-    import shutil
-
     folder = tmp_path / "models"
     shutil.copytree(model_dir, folder)
     target = folder / file

@@ -85,6 +85,12 @@ def test_default_paths_pass_and_the_repository_is_gits_top_level(repo):
     params = load_params()
     for stage in ("prepare", "encode", "train", "evaluate"):
         safety.check_outputs(params, stage)
+    # a link inside the repository to a shared folder outside it (the README's multi-node checkpoints) is accepted
+    (repo.parent / "shared").mkdir()
+    (repo / "shared-checkpoints").symlink_to(repo.parent / "shared", target_is_directory=True)
+    safety.check_outputs(load_params(overrides=["train.checkpoint_dir=shared-checkpoints"]), "train")
+    with pytest.raises(safety.UnsafePath, match=r"train.checkpoint_dir='\.\./shared' \(.*\) lies outside the repository"):
+        safety.check_outputs(load_params(overrides=["train.checkpoint_dir=../shared"]), "train")
     (repo / "fluxfill" / "sub").mkdir()
     assert safety.repository(repo / "fluxfill" / "sub") == repo
     # a DVC queued-experiment workspace is a clone inside .dvc/tmp/exps: its outputs are checked against it
