@@ -47,7 +47,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from . import registry, tracking
 from .config import FluxfillError, Params, TrackingConfig
 
-RESTORED_TAG = "fluxfill.restored_from"  # on a sweep's child run whose outputs DVC restored: the producing run
 TRAIN_METRICS = ("loss", "val_loss", "fusion_weight")
 EVAL_METRICS = ("psnr", "ssim", "identity_psnr", "identity_ssim", "base_psnr", "base_ssim")
 REGISTRY_COLUMNS = ("version", "aliases")
@@ -89,7 +88,8 @@ def compare_runs(cfg: TrackingConfig, last: int = 10, filter_string: str = "", p
         if f"metrics.{m}" in found:
             table[m] = found[f"metrics.{m}"]
     if parent:
-        table["restored_from"] = found.get(f"tags.{RESTORED_TAG}", pd.Series("", index=found.index)).fillna("")
+        restored = found.get(f"tags.{tracking.RESTORED_TAG}", pd.Series("", index=found.index))
+        table["restored_from"] = restored.fillna("")
     versions = registry.versions_by_run(cfg)
     if any(r in versions for r in found["run_id"]):
         table["version"] = [",".join(v for v, _ in versions.get(r, [])) for r in found["run_id"]]

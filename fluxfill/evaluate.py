@@ -18,7 +18,8 @@ are already on this machine; otherwise a note says why it was skipped. Nothing i
 Reads   models/lora/pytorch_lora_weights.safetensors, models/fusion.safetensors, data/prepared (val split)
 Writes  metrics/eval.json, eval/per_sample.csv, eval/samples/grid_000.png ... (one grid per batch of
         eval.batch_size: reference | source | generated | target), and logs the scores and grids to the MLflow
-        run that trained these weights (its reference is in .fluxfill/runs/), or to a new run when none is known.
+        run that trained these weights (its reference is in .fluxfill/runs/; without one, the run tagged with the
+        weights' DVC hash), or to a new run when none is known.
 
 Examples:
   fluxfill evaluate
@@ -125,7 +126,7 @@ def evaluate(params: Params, device: str | None = None) -> dict:
     models = Path(params.train.output)
     check_lora(models / LORA_DIR, params.train.lora)  # before any generation
     fusion = load_fusion(models / FUSION_FILE, params.fusion)
-    run_ref = tracking.read_run_ref(models)  # before the long part: a damaged reference fails now
+    run_ref = tracking.training_run(models, params.tracking)  # before the long part: a damaged reference fails now
     val, panels = val_samples(params)
     prompts = list(val["prompt"])
 

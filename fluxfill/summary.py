@@ -1,7 +1,8 @@
 """Print where to look after a run: the MLflow run and how to open it, the metrics, the sample grids.
 
 Reads what the stages left in the workspace (the reference to the MLflow run that trained the weights in
-train.output, metrics/*.json, eval/samples/); it changes nothing. `make run` ends with it.
+train.output, metrics/*.json, eval/samples/); without a reference, it looks the run up in MLflow by the
+weights' DVC hash. It changes nothing. `make run` ends with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .artifacts import EVAL_METRICS, EVAL_SAMPLES, TRAIN_METRICS, damaged
 from .config import Params
-from .tracking import read_run_ref, sqlite_path, ui_url
+from .tracking import sqlite_path, training_run, ui_url
 
 
 def read_metrics(path: Path, stage: str) -> dict:
@@ -29,7 +30,7 @@ def read_metrics(path: Path, stage: str) -> dict:
 
 def summary_lines(params: Params) -> list[str]:
     lines = []
-    ref = read_run_ref(params.train.output)
+    ref = training_run(params.train.output, params.tracking)
     if ref:
         uri = ref["tracking_uri"]
         db = sqlite_path(uri)
@@ -39,8 +40,8 @@ def summary_lines(params: Params) -> list[str]:
                   f"open it      {ui}",
                   "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]
     else:
-        lines.append(f"no MLflow run known for the weights in {params.train.output}/ (none yet, or restored from "
-                     "DVC's cache): run `dvc repro` (or `make run`)")
+        lines.append(f"no MLflow run known for the weights in {params.train.output}/ (none trained yet, or trained "
+                     "with another tracking URI): run `dvc repro` (or `make run`)")
     train, evals = read_metrics(Path(TRAIN_METRICS), "train"), read_metrics(Path(EVAL_METRICS), "evaluate")
     if train or evals:
         lines.append("metrics      (dvc metrics show)")

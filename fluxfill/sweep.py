@@ -47,7 +47,7 @@ import yaml
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import tracking
-from .compare import RESTORED_TAG, compare_runs, format_runs
+from .compare import compare_runs, format_runs
 from .config import PARAMS_FILE, ConfigError, FluxfillError, Params, load_params, parse_override, repo_root
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,6 @@ def start_parent(params: Params, name: str, grid: dict[str, list[Any]], sets: li
     return run.info.run_id
 
 
-def _runs_with(client, outputs_md5: str, extra: str = ""):
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.`{tracking.OUTPUTS_TAG}` = '{outputs_md5}'" + (f" and {extra}" if extra else "")
-    return client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
-
-
 def children(parent_id: str):
     """The child runs of ``parent_id``, oldest first (the points' order)."""
     import mlflow
@@ -234,12 +228,12 @@ def record_point(root: Path, sets: list[str], parent_id: str, point: Point, base
     own = [r for r in children(parent_id) if r.info.run_name == point.exp_name]
     if status == "ran" and own:
         return PointResult(point.index, point.exp_name, point.label, status, own[0].info.run_id, None, seconds)
-    producers = [r for r in _runs_with(client, md5) if RESTORED_TAG not in r.data.tags]
+    producers = tracking.producers(md5)
     if not producers:
         raise FluxfillError(f"point {point.index} ({point.label}): no MLflow run at {mlflow.get_tracking_uri()} "
                             f"wrote its models ({md5}); was it trained with another tracking URI?")
     producer = producers[0]
-    tags = {tracking.MLFLOW_PARENT_RUN_ID: parent_id, RESTORED_TAG: producer.info.run_id,
+    tags = {tracking.MLFLOW_PARENT_RUN_ID: parent_id, tracking.RESTORED_TAG: producer.info.run_id,
             POINT_TAG: json.dumps(point.values, sort_keys=True), tracking.OUTPUTS_TAG: md5}
     tags.update({k: v for k, v in producer.data.tags.items() if k.startswith(("git.", "dvc.", "preset", "device"))})
     child = client.create_run(producer.info.experiment_id, run_name=point.exp_name, tags=tags)

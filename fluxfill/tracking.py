@@ -76,6 +76,7 @@ NAME_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o, 1/l
 PARENT_RUN_ENV = "FLUXFILL_PARENT_RUN_ID"  # set by `fluxfill sweep`: a new run becomes a child of this run
 SWEEP_POINT_ENV = "FLUXFILL_SWEEP_POINT"  # set by `fluxfill sweep`: the point's overrides (JSON), as a tag
 OUTPUTS_TAG = "fluxfill.models_md5"  # the DVC hash of the models/ a training run wrote (finds a restored run's producer)
+RESTORED_TAG = "fluxfill.restored_from"  # on a sweep's child run whose outputs DVC restored: the producing run
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -386,6 +387,42 @@ def tag_outputs(out_dir: str | os.PathLike) -> str:
     return md5
 
 
+def producers(outputs_md5: str) -> list[Run]:
+    """The training runs at the current tracking URI that wrote outputs with DVC hash ``outputs_md5``, newest first.
+
+    A sweep's child for a restored point carries the same tag and is left out: it trained nothing.
+    """
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{OUTPUTS_TAG}` = '{outputs_md5}'",
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if RESTORED_TAG not in r.data.tags]
+
+
+def training_run(train_output: str | os.PathLike, cfg: TrackingConfig) -> dict[str, str] | None:
+    """The MLflow run that trained the weights in ``train_output``: ``{"run_id", "experiment_id", "tracking_uri"}``.
+
+    The workspace's run reference (:func:`read_run_ref`) when there is one; else the newest training run at
+    ``cfg``'s tracking URI tagged with the weights' DVC hash (weights that `dvc exp apply`, `dvc checkout` or
+    `dvc pull` brought from a run of another workspace). None when neither knows them; a sqlite store that does
+    not exist yet is not created.
+    """
+    ref = read_run_ref(train_output)
+    if ref or models_digest(train_output) is None:
+        return ref
+    uri = tracking_uri(cfg)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    from .data import dvc_md5
+
+    connect(cfg)
+    found = producers(dvc_md5(Path(train_output)))
+    if not found:
+        return None
+    return {"run_id": found[0].info.run_id, "experiment_id": found[0].info.experiment_id, "tracking_uri": uri}
+
+
 def find_run(run_id: str) -> Run | None:
     """The run ``run_id`` at the current tracking URI (call :func:`setup` first), None if absent or deleted."""
     try:
@@ -455,7 +492,7 @@ def read_run_ref(train_output: str | os.PathLike, root: str | os.PathLike = ".")
     p = run_ref_path(train_output, root)
     if p is None or not p.exists():
         return None
-    fix = f"delete it (`rm {p}`: evaluation then logs to a new MLflow run) or rebuild it with `fluxfill train`"
+    fix = f"delete it (`rm {p}`): the run is then looked up in MLflow by the weights' DVC hash"
     try:
         ref = json.loads(p.read_text())
     except (OSError, ValueError) as e:

@@ -210,7 +210,7 @@ def test_damaged_run_reference(workspaces, tmp_path, monkeypatch, capsys, comman
     why = ("not a readable MLflow run reference .*" if content.startswith("{not")
            else "an MLflow run reference from another version of fluxfill .*")
     expect(line, command, ref, why,
-           f"delete it (`rm {ref}`: evaluation then logs to a new MLflow run) or rebuild it with `fluxfill train`")
+           f"delete it (`rm {ref}`): the run is then looked up in MLflow by the weights' DVC hash")
 
 
 def test_damaged_metrics_file(workspaces, tmp_path, monkeypatch, capsys):
@@ -226,6 +226,11 @@ def test_summary_names_the_run_that_trained_the_weights(workspaces, tmp_path, mo
     [ref] = (ws / artifacts.RUN_REFS).glob("*.json")
     run_id = json.loads(ref.read_text())["run_id"]
     capsys.readouterr()
+    assert main(["summary"]) == 0
+    assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
+    ref.write_text("{not json")
+    assert main(["summary"]) == 1 and f"rm {ref.relative_to(ws)}" in capsys.readouterr().err
+    ref.unlink()  # the fix the message gives: the run is found by its tag, the weights' DVC hash
     assert main(["summary"]) == 0
     assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
     (ws / "models/fusion.safetensors").write_bytes(b"other weights")  # e.g. another run's, from DVC's cache

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,21 @@ def in_repo(swept, monkeypatch):
     monkeypatch.chdir(swept[0])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return swept[0]
+
+
+def test_a_points_weights_applied_to_the_workspace_find_their_training_run(swept, tmp_path):
+    repo, _ = swept
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)  # its own mlflow.db: the same runs
+    [point] = mlflow.MlflowClient().search_runs(
+        [_parent("ablation").info.experiment_id], "attributes.run_name = 'ablation-1'")  # fusion.mode none
+    applied = _run(copy, sys.executable, "-m", "dvc", "exp", "apply", "ablation-1")
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    assert "mode: none" in (copy / "params.yaml").read_text()
+    assert tracking.read_run_ref(copy / "models", copy) is None  # trained in DVC's temporary workspace
+    summary = _run(copy, "fluxfill", "summary")
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert f"MLflow run   {point.info.run_id} (experiment 'fluxfill'" in summary.stdout
 
 
 def test_compare_parent_prints_the_table(in_repo, capsys):

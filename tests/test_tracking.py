@@ -380,7 +380,8 @@ def test_run_ref_round_trip(store, tmp_path):
     (models / "lora" / "w.safetensors").write_bytes(b"weights")
     ref_file.write_text("{not json")
     with pytest.raises(FluxfillError, match=rf"^{ref_file}: not a readable MLflow run reference .*; delete it "
-                                            rf"\(`rm {ref_file}`: evaluation then logs to a new MLflow run\)"):
+                                            rf"\(`rm {ref_file}`\): the run is then looked up in MLflow by the "
+                                            "weights' DVC hash$"):
         tracking.read_run_ref(models, tmp_path)
     ref_file.write_text('{"run_id": "abc"}')  # the layout of an older version
     with pytest.raises(FluxfillError, match="an MLflow run reference from another version of fluxfill"):
