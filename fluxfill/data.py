@@ -442,7 +442,7 @@ def _write(samples: list[Sample], cfg: DataConfig, folder: Path) -> None:
         target = _panel(s.target, cfg)
         panels = build_panels(_source_image(s, target, cfg), target, _panel(s.reference, cfg), cfg.panel_size)
         data = _png(panels.triptych)
-        file = f"{s.id}.png"
+        file = _triptych_file(s)
         (folder / file).write_bytes(data)
         rows.append((s.id, s.split, s.prompt, s.source, s.target, s.reference, hashlib.sha256(data).hexdigest(), file))
     with open(folder / MANIFEST, "w", newline="", encoding="utf-8") as f:
@@ -465,14 +465,19 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_replaceable(out: Path) -> None:
-    """``out`` is replaced whole: refuse when it holds anything but a manifest and the triptychs it lists."""
+def _triptych_file(s: Sample) -> str:
+    return f"{s.id}.png"
+
+
+def _check_replaceable(out: Path, samples: list[Sample]) -> None:
+    """``out`` is replaced whole: refuse when it holds anything but a manifest, the triptychs it lists and
+    those this prepare writes (a damaged manifest lists none: prepare rebuilds it over the same inputs)."""
     if not out.exists():
         return
-    known = {MANIFEST}
+    known = {MANIFEST, *map(_triptych_file, samples)}
     try:
         known |= set(read_manifest(out)["file"])
-    except FluxfillError as e:  # no readable manifest: every file counts as foreign
+    except FluxfillError as e:  # no readable manifest: only the names written now are known
         logger.debug("%s", e)
     foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
     foreign = [name for name in foreign if name not in known]
@@ -490,7 +495,7 @@ def prepare(cfg: DataConfig) -> PrepareResult:
     """
     samples = collect(cfg)
     out = Path(cfg.output)
-    _check_replaceable(out)
+    _check_replaceable(out, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

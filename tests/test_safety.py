@@ -126,6 +126,17 @@ def test_prepare_replaces_its_output_only_when_it_wrote_everything_there(tmp_pat
         prepare(cfg)
     assert (tmp_path / "prepared" / "my-notes.txt").read_text() == "keep me"
     assert (tmp_path / "prepared" / "manifest.csv").exists()
+    # a damaged manifest lists nothing: the triptychs this prepare writes are still its own, anything else is not
+    (tmp_path / "prepared" / "my-notes.txt").unlink()
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good[:len(good) // 2])
+    (tmp_path / "prepared" / "photo.png").write_bytes(b"a photo")
+    with pytest.raises(FluxfillError, match=r"holds files `fluxfill prepare` did not write \(photo.png\)"):
+        prepare(cfg)
+    (tmp_path / "prepared" / "photo.png").unlink()
+    assert prepare(cfg).count == first.count
+    assert manifest.read_bytes() == good
 
 
 # --------------------------------------------------------------------------------------------------- lock
