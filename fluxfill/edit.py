@@ -91,6 +91,13 @@ def read_spec(folder: Path) -> ModelSpec:
         raise FluxfillError(f"{file}: not a valid fluxfill model spec ({first}); re-run `fluxfill train`") from e
 
 
+def _check_reference(fusion: SemanticFusion, reference) -> None:
+    """Refuse a missing reference for a model whose fusion mixes one in."""
+    if fusion.enabled and reference is None:
+        raise FluxfillError(f"this model mixes a reference into the conditioning (α = {float(fusion.alpha):.4f}): "
+                            "pass a reference image (--reference PATH)")
+
+
 class Editor:
     """A loaded model (pipeline + LoRA + fusion) that edits PIL images; ``fluxfill edit`` is a loop around it."""
 
@@ -101,42 +108,47 @@ class Editor:
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike, device: str | None = None, eval_cfg: EvalConfig | None = None,
-                 source: str | None = None) -> Editor:
+                 source: str | None = None, reference: bool | None = None) -> Editor:
         """Load the model folder ``folder`` (LoRA, fusion file, ``fluxfill_model.json``) on ``device``.
 
         Generation defaults: the spec's own eval settings, else ``eval_cfg``, else :class:`EvalConfig`'s.
+        ``reference=False`` (no reference will be given) refuses a model that needs one before the pipeline loads.
         """
         folder = Path(folder)
         spec = read_spec(folder)
         fusion_file = folder / FUSION_FILE
         if not fusion_file.exists():
             raise FluxfillError(f"{fusion_file} not found: {folder} is not a complete model folder; re-run `fluxfill train`")
+        fusion = load_fusion(fusion_file)
+        if fusion.mode != spec.fusion.mode:
+            raise FluxfillError(f"{fusion_file} holds fusion mode {fusion.mode!r} but {folder / SPEC_FILE} says "
+                                f"{spec.fusion.mode!r}: the folder mixes two runs; re-run `fluxfill train`")
+        if reference is False:
+            _check_reference(fusion, None)
         dev = best_device(device or "auto")
         dtype = resolve_dtype(spec.model.dtype, dev)
         pipe = load_pipeline(spec.model, dev, dtype)
         load_lora(pipe, folder / LORA_DIR, spec.lora)
-        fusion = load_fusion(fusion_file).to(dev)
-        if fusion.mode != spec.fusion.mode:
-            raise FluxfillError(f"{fusion_file} holds fusion mode {fusion.mode!r} but {folder / SPEC_FILE} says "
-                                f"{spec.fusion.mode!r}: the folder mixes two runs; re-run `fluxfill train`")
+        fusion = fusion.to(dev)
         encoders = fusion_encoders(spec.model, fusion, dev, dtype)
         return cls(spec, pipe, fusion, encoders, source or str(folder), spec.eval or eval_cfg or EvalConfig())
 
     @classmethod
-    def load(cls, model: str | os.PathLike = "models", device: str | None = None, params: Params | None = None) -> Editor:
+    def load(cls, model: str | os.PathLike = "models", device: str | None = None, params: Params | None = None,
+             reference: bool | None = None) -> Editor:
         """A model folder, or a registered model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID``.
 
         ``params`` (default: ./params.yaml, if any) gives the MLflow tracking store and, for a folder, the
-        generation defaults (its eval section).
+        generation defaults (its eval section). ``reference``: as in :meth:`from_dir`.
         """
         from .registry import download_model, is_model_uri
 
         params = params or load_params()
         if not is_model_uri(str(model)):
-            return cls.from_dir(model, device, params.eval)
+            return cls.from_dir(model, device, params.eval, reference=reference)
         with tempfile.TemporaryDirectory(prefix="fluxfill-model-") as tmp:
             folder, source = download_model(str(model), params.tracking, Path(tmp))
-            return cls.from_dir(folder, device, params.eval, source=source)
+            return cls.from_dir(folder, device, params.eval, source=source, reference=reference)
 
     @property
     def alpha(self) -> float | None:
@@ -165,9 +177,7 @@ class Editor:
             if reference is not None:
                 log.info("the model has fusion mode 'none': the reference is not used")
             return None
-        if reference is None:
-            raise FluxfillError(f"this model mixes a reference into the conditioning (α = {self.alpha:.4f}): "
-                                "pass a reference image (--reference PATH)")
+        _check_reference(self.fusion, reference)
         return fit_panel(reference, self.spec.panel_size)
 
     def edit(self, sources: Sequence[Image.Image], reference: Image.Image | None = None, *,
@@ -322,7 +332,7 @@ def run_edit(params: Params, sources: Sequence[str], reference: str | None = Non
              overwrite: bool = False, batch_size: int = 1, **settings) -> tuple[Editor, list[Path]]:
     """Plan (check everything), load the model, edit: what `fluxfill edit` and the edit-batch flow do."""
     plan = plan_edit(sources, reference, out, side_by_side, overwrite)
-    editor = Editor.load(model or default_model(params), device, params)
+    editor = Editor.load(model or default_model(params), device, params, reference=plan.reference is not None)
     return editor, edit_files(editor, plan, batch_size=batch_size, side_by_side=side_by_side, **settings)
 
 

@@ -123,6 +123,24 @@ def test_bad_inputs_are_listed_by_file_and_nothing_is_written(tmp_path, model_di
     assert Image.open(out / "good.png").size == (40, 40)  # replaced, as asked
 
 
+def test_a_missing_reference_is_refused_before_the_pipeline_loads(tmp_path, model_dir, monkeypatch, capsys):
+    import fluxfill.edit
+
+    monkeypatch.chdir(tmp_path)
+    rng_image(40, 40).save(tmp_path / "in.png")
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(fluxfill.edit, "load_pipeline", no_pipeline)
+    rc = main(["edit", "--source", "in.png", "--out", "out", "--model", str(model_dir), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.strip().splitlines()[-1] == (
+        "fluxfill edit: error: this model mixes a reference into the conditioning (α = 0.3000): "
+        "pass a reference image (--reference PATH)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_python_api(tmp_path, model_dir, model_factory, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults
     ed = Editor.load(model_dir, device="cpu")
