@@ -297,7 +297,8 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     elif path is not None:
         raise ConfigError(f"{p}: params file not found")
     raw = apply_overrides(raw, overrides)
-    return validate(raw, str(p))
+    keys = [o.partition("=")[0].strip() for o in overrides] if isinstance(overrides, list) else list(overrides or {})
+    return validate(raw, f"{p} with the overrides {', '.join(keys)}" if keys else str(p))
 
 
 def repo_root(start: str | os.PathLike | None = None) -> Path:

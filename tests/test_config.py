@@ -106,7 +106,7 @@ def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys):
     code = main(["prepare", "--params", str(f), "--set", "data.panel_size=500"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"fluxfill prepare: {f}: 1 invalid setting(s):")
+    assert err.startswith(f"fluxfill prepare: {f} with the overrides data.panel_size: 1 invalid setting(s):")
     assert "data.panel_size: Value error, panel_size 500 is not a positive multiple of 16" in err
     assert not (tmp_path / "out").exists()
 
