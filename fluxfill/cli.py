@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import textwrap
 
@@ -105,13 +106,24 @@ def main(argv: list[str] | None = None) -> int:
             return _run(command, argv)
     except ConfigError as e:
         print(f"fluxfill {command}: {e}", file=sys.stderr)
+        _dvc_checkout_hint(command)
         return 2
     except KeyboardInterrupt:
         print(f"fluxfill {command}: interrupted", file=sys.stderr)
         return 130
     except FluxfillError as e:
         print(f"fluxfill {command}: error: {e}", file=sys.stderr)
+        _dvc_checkout_hint(command)
         return 1
+
+
+def _dvc_checkout_hint(command: str | None) -> None:
+    """Under `dvc repro` in the workspace itself (DVC sets DVC_STAGE and DVC_ROOT for a stage's command), DVC
+    removed the stage's outputs before running it: say how to put them back."""
+    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if stage and root and os.path.realpath(root) == os.path.realpath(os.getcwd()):
+        print(f"fluxfill {command}: DVC removed the outputs of stage {stage} before running it; "
+              f"`dvc checkout {stage}` puts back the ones dvc.lock records", file=sys.stderr)
 
 
 if __name__ == "__main__":

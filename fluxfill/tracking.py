@@ -22,7 +22,9 @@ and a later stage logs into the run that trained the weights it finds::
 
 The run reference is not part of the weights (a DVC out holds no run id: two identical runs write identical
 bytes). It lives in ``.fluxfill/runs/<digest of the weights>.json`` (git-ignored, per workspace), so weights
-that DVC restores from its cache find the run that trained them, and weights no run here wrote find none.
+that DVC restores from its cache find the run that trained them. Weights trained in another workspace (a sweep
+point's, after ``dvc exp apply``) have no reference here: :func:`training_run` then finds their run by its
+``fluxfill.models_md5`` tag, the weights' DVC hash.
 
 MLflow's fluent API keeps one active run per thread and is not thread-safe: log from the main
 process (rank 0) only. Call :func:`setup` once before starting parallel processes so that they do

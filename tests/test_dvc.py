@@ -288,3 +288,21 @@ def test_two_runs_write_byte_identical_outputs_and_dvc_lock(tmp_path, copy_repo)
     assert yaml.safe_load((a / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"] == {
         k: v for k, v in flatten(load_params(a / "params.yaml").model_dump()).items()
         if k in stages(a)["train"]["params"]}
+
+
+def test_a_stage_failing_under_dvc_repro_says_how_to_put_its_outputs_back(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  panel_size: 500\n  output: out\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: fluxfill prepare\n    outs: [out]\n")
+    dvc(tmp_path, "init", "--no-scm", "-q")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("fluxfill prepare:")]
+    assert lines[0] == f"fluxfill prepare: {Path('params.yaml')}: 1 invalid setting(s):"
+    assert lines[-1] == ("fluxfill prepare: DVC removed the outputs of stage prepare before running it; "
+                         "`dvc checkout prepare` puts back the ones dvc.lock records")
+    # the same error outside DVC: no DVC hint
+    direct = subprocess.run([Path(sys.executable).parent / "fluxfill", "prepare"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 2 and "DVC removed" not in direct.stderr
