@@ -75,11 +75,22 @@ def check_lora(path: Path, lora_cfg: LoraConfig) -> Path:
     return file
 
 
+def _no_text_encoder_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
 def load_lora(pipe, lora_dir: Path, lora_cfg: LoraConfig) -> None:
-    """``pipe.load_lora_weights`` of the checked LoRA file in ``lora_dir`` (see :func:`check_lora`)."""
+    """``pipe.load_lora_weights`` of the checked LoRA file in ``lora_dir`` (see :func:`check_lora`).
+
+    The LoRA adapts the transformer only: diffusers' note that it has no text-encoder keys is dropped."""
     file = check_lora(lora_dir, lora_cfg)
-    with reading(file, "train", "LoRA file"):
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    lora_log = logging.getLogger("diffusers.loaders.lora_base")
+    lora_log.addFilter(_no_text_encoder_note)
+    try:
+        with reading(file, "train", "LoRA file"):
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    finally:
+        lora_log.removeFilter(_no_text_encoder_note)
 
 
 def load_fusion(path: Path, cfg: FusionConfig | None = None) -> SemanticFusion:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -143,7 +144,16 @@ def test_a_missing_reference_is_refused_before_the_pipeline_loads(tmp_path, mode
 
 def test_python_api(tmp_path, model_dir, model_factory, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults
-    ed = Editor.load(model_dir, device="cpu")
+    notes = logging.Handler()
+    notes.emit = (seen := []).append
+    lora_log = logging.getLogger("diffusers.loaders.lora_base")
+    lora_log.addHandler(notes)
+    try:
+        ed = Editor.load(model_dir, device="cpu")
+    finally:
+        lora_log.removeHandler(notes)
+    assert [r.getMessage() for r in seen] == []  # a transformer-only LoRA: diffusers' text-encoder note is dropped
+    assert list(ed.pipe.transformer.peft_config) == ["default_0"]
     assert ed.alpha == pytest.approx(0.3) and ed.spec.panel_size == PANEL and ed.source == str(model_dir)
     assert ed.settings() == {"prompt": ed.spec.prompt, "seed": 0, "steps": 8, "guidance": 30.0}  # params defaults
     source, reference = rng_image(90, 70), rng_image(50, 50, seed=1)
