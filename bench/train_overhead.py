@@ -20,6 +20,10 @@ MLflow's logging thread):
 A round's overhead is the median over its steps (warm-up excluded); the figure is the median over
 ``ROUNDS`` rounds, with the spread (min and max). Wall time is reported beside it, the same way. The
 data-loader share is the time spent reading and collating batches divided by our step time.
+
+Where the overhead goes: the loop's per-step functions (``SECTIONS``) are timed where they run, in main-thread
+CPU time per loop iteration (median over steps, then over rounds); ``rest of the loop`` is the iteration's
+process CPU time minus the bare step, ``train_step`` and those functions.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import tqdm.std
 
 import fluxfill.step as step_module
 import fluxfill.train as train_module
@@ -71,29 +76,59 @@ class Bare:
         return time.thread_time() - c, time.perf_counter() - w
 
 
+# the loop's per-step host work, by function: (owner, attribute, label)
+SECTIONS = ((LatentCache, "__getitem__", "cache reads"), (LatentCache, "collate", "collate"),
+            (step_module, "sample_generators", "noise generators"), (SemanticFusion, "stat_tensors", "fusion statistics"),
+            (train_module, "_pending_row", "metrics rows"), (train_module, "_flush", "host sync"),
+            (train_module, "_report", "MLflow buffer and bar text"), (tqdm.std.tqdm, "update", "progress bar"))
+
+
+@contextlib.contextmanager
+def timed(spent: dict[str, float], fetch: list[float]):
+    """Patch each of ``SECTIONS`` to add its main-thread CPU time to ``spent[label]`` (cache reads' wall time
+    also to ``fetch``); ``fluxfill.step.train_step``'s goes to ``spent["train_step"]`` by the caller."""
+    def wrap(fn, label):
+        def run(*args, **kwargs):
+            c, w = time.thread_time(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.thread_time() - c
+                if label == "cache reads":
+                    fetch.append(time.perf_counter() - w)
+        return run
+
+    real = [(owner, name, getattr(owner, name)) for owner, name, _ in SECTIONS]
+    for (owner, name, fn), (_, _, label) in zip(real, SECTIONS, strict=True):
+        setattr(owner, name, wrap(fn, label))
+    try:
+        yield
+    finally:
+        for owner, name, fn in real:
+            setattr(owner, name, fn)
+
+
 def one_round(p, bare: Bare, root: Path) -> dict:
     """One run of fluxfill.train.train with a bare step before each of its steps; per-step medians."""
-    marks, fetch = [], []  # (process CPU, wall, bare CPU, bare wall) at each train_step call
-    real_step, real_getitem = step_module.train_step, LatentCache.__getitem__
+    marks, fetch = [], []  # (process CPU, wall, bare CPU, bare wall, CPU by section so far) at each train_step call
+    spent: dict[str, float] = dict.fromkeys(["train_step", *(label for *_, label in SECTIONS)], 0.0)
+    real_step = step_module.train_step
 
     def paired(*args, **kwargs):
         c, w = time.process_time(), time.perf_counter()
-        marks.append((c, w, *bare()))
-        return real_step(*args, **kwargs)
-
-    def timed_getitem(self, i):
-        start = time.perf_counter()
+        marks.append((c, w, *bare(), dict(spent)))
+        start = time.thread_time()
         try:
-            return real_getitem(self, i)
+            return real_step(*args, **kwargs)
         finally:
-            fetch.append(time.perf_counter() - start)
+            spent["train_step"] += time.thread_time() - start
 
-    step_module.train_step, LatentCache.__getitem__ = paired, timed_getitem
+    step_module.train_step = paired
     try:
-        with contextlib.chdir(root):  # train's metrics/, plots/ and .fluxfill/ land in the bench's folder
+        with contextlib.chdir(root), timed(spent, fetch):  # train's metrics/, plots/ and .fluxfill/ land in the bench's folder
             train_module.train(p)
     finally:
-        step_module.train_step, LatentCache.__getitem__ = real_step, real_getitem
+        step_module.train_step = real_step
     steps = list(zip(marks, marks[1:], strict=False))[WARMUP:]  # iteration k: from mark k to mark k+1
     bare_cpu = [a[2] for a, _ in steps]
     bare_wall = [a[3] for a, _ in steps]
@@ -101,11 +136,16 @@ def one_round(p, bare: Bare, root: Path) -> dict:
     ours_wall = [b[1] - a[1] - a[3] for a, b in steps]
     med = statistics.median
     per_step_fetch = sum(fetch[(WARMUP + 1) * BATCH:]) / max(1, len(fetch) // BATCH - WARMUP - 1)
+    sections = {label: [b[4][label] - a[4][label] for a, b in steps] for label in spent}
+    rest = [o - sum(v[k] for v in sections.values()) for k, o in enumerate(ours_cpu)]
+    where = {f"{label}_ms": 1e3 * med(v) for label, v in sections.items() if label != "train_step"}
     return {"bare_cpu_s": med(bare_cpu), "ours_cpu_s": med(ours_cpu), "bare_wall_s": med(bare_wall),
             "ours_wall_s": med(ours_wall),
             "overhead_cpu_ms": med(1e3 * (o - b) for o, b in zip(ours_cpu, bare_cpu, strict=True)),
             "overhead_wall_ms": med(1e3 * (o - b) for o, b in zip(ours_wall, bare_wall, strict=True)),
-            "data_loader_share": per_step_fetch / med(ours_wall)}
+            "data_loader_share": per_step_fetch / med(ours_wall),
+            "train_step_minus_bare_ms": med(1e3 * (t - b) for t, b in zip(sections["train_step"], bare_cpu, strict=True)),
+            **where, "rest of the loop_ms": 1e3 * med(rest)}
 
 
 def _spread(values: list[float]) -> dict:
@@ -141,6 +181,8 @@ def main() -> dict:
                "bare_step_cpu_s": round(med(rounds["bare_cpu_s"]), 4), "our_step_cpu_s": round(med(rounds["ours_cpu_s"]), 4),
                "bare_step_wall_s": round(med(rounds["bare_wall_s"]), 4), "our_step_wall_s": round(med(rounds["ours_wall_s"]), 4),
                "data_loader_share": round(med(rounds["data_loader_share"]), 4),
+               "where_ms_per_step": {k.removesuffix("_ms"): round(med(v), 3) for k, v in rounds.items() if k.endswith("_ms")
+                                     and not k.startswith("overhead")},
                "rounds": {k: [round(v, 5) for v in vs] for k, vs in rounds.items()},
                "batch": BATCH, "panel_size": PANEL, "steps_per_round": STEPS, "threads": torch.get_num_threads()}
     c, w = figures["overhead_ms_per_step_cpu"], figures["overhead_ms_per_step_wall"]
@@ -148,6 +190,8 @@ def main() -> dict:
           f"({c['min']:+.1f}..{c['max']:+.1f}), wall {w['median']:+.1f} ms/step ({w['min']:+.1f}..{w['max']:+.1f}); "
           f"target <= {TARGET_MS:.0f} ms/step | bare step {figures['bare_step_cpu_s']:.3f} s CPU | "
           f"data-loader share {figures['data_loader_share']:.2%}")
+    print("where it goes, ms/step (median of rounds): " + ", ".join(f"{k} {v:+.2f}"
+                                                                   for k, v in figures["where_ms_per_step"].items()))
     write_result("train_overhead", figures)
     return figures
 

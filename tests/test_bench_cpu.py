@@ -49,8 +49,14 @@ def test_train_overhead_bench_pairs_every_step_and_keeps_the_workspace_clean(cap
     for name, value in (("SAMPLES", 8), ("PANEL", 64), ("WARMUP", 1), ("STEPS", 3), ("ROUNDS", 2)):
         monkeypatch.setattr(b, name, value)
     monkeypatch.chdir(tmp_path)
+    originals = [getattr(owner, name) for owner, name, _ in b.SECTIONS]
     b.main()
+    assert [getattr(owner, name) for owner, name, _ in b.SECTIONS] == originals  # every patched function restored
     f = captured["train_overhead"]
+    where = f["where_ms_per_step"]
+    assert list(where) == ["train_step_minus_bare", *(label for *_, label in b.SECTIONS), "rest of the loop"]
+    # each function runs on every step: main-thread CPU time, positive (4 cache reads per step of batch 4)
+    assert all(where[label] > 0 for label in ("cache reads", "fusion statistics", "host sync", "progress bar"))
     assert f["target_ms_per_step"] == 5.0 and f["steps_per_round"] == 3 and f["panel_size"] == 64
     assert len(f["rounds"]["overhead_cpu_ms"]) == 2 and f["bare_step_cpu_s"] > 0 and f["our_step_cpu_s"] > 0
     spread = f["overhead_ms_per_step_cpu"]
