@@ -35,7 +35,7 @@ from fluxfill import sweep
 from fluxfill.compare import format_runs
 from fluxfill.config import PARAMS_FILE, ConfigError, FluxfillError, flatten, load_params, repo_root
 from fluxfill.summary import read_metrics
-from fluxfill.tracking import read_run_ref, ui_url
+from fluxfill.tracking import training_run, ui_url
 
 from . import workspace
 from .workspace import StageFailed, StageRun
@@ -310,8 +310,12 @@ def train_diptych(
     else:
         notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
 
-    mlflow_info = None
-    ref = read_run_ref(root / params.train.output, root)
+    mlflow_info, ref = None, None
+    try:
+        ref = training_run(root / params.train.output, params.tracking, root)
+    except Exception as e:  # the stages' results stand; the link is what is missing
+        notes.append(f"the MLflow run of the weights in {params.train.output}/ was not looked up: {e}")
+        logger.warning("MLflow run not looked up: %s", e)
     if ref:
         trained = any(r.stage == "train" and r.status == "ran" for r in runs)
         tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags

@@ -13,6 +13,9 @@ import logging
 import os
 import sys
 import textwrap
+from pathlib import Path
+
+import yaml
 
 from .config import ConfigError, FluxfillError, load_params
 
@@ -119,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dvc_checkout_hint(command: str | None) -> None:
     """Under `dvc repro` in the workspace itself (DVC sets DVC_STAGE and DVC_ROOT for a stage's command), DVC
-    removed the stage's outputs before running it: say how to put them back."""
+    removed the stage's outputs before running it: say how to put back those dvc.lock records, if any."""
     stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
-    if stage and root and os.path.realpath(root) == os.path.realpath(os.getcwd()):
+    if not stage or not root or os.path.realpath(root) != os.path.realpath(os.getcwd()):
+        return
+    try:
+        lock = yaml.safe_load(Path(root, "dvc.lock").read_text()) or {}
+        recorded = bool(lock.get("stages", {}).get(stage, {}).get("outs"))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        recorded = False
+    if recorded:
         print(f"fluxfill {command}: DVC removed the outputs of stage {stage} before running it; "
               f"`dvc checkout {stage}` puts back the ones dvc.lock records", file=sys.stderr)
 

@@ -298,7 +298,8 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         raise ConfigError(f"{p}: params file not found")
     raw = apply_overrides(raw, overrides)
     keys = [o.partition("=")[0].strip() for o in overrides] if isinstance(overrides, list) else list(overrides or {})
-    return validate(raw, f"{p} with the overrides {', '.join(keys)}" if keys else str(p))
+    given = f"the overrides {', '.join(keys)}"
+    return validate(raw, str(p) if not keys else f"{p} with {given}" if p.exists() else given)
 
 
 def repo_root(start: str | os.PathLike | None = None) -> Path:

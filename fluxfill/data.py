@@ -469,16 +469,30 @@ def _triptych_file(s: Sample) -> str:
     return f"{s.id}.png"
 
 
+def _has_prepare_header(manifest: Path) -> bool:
+    """``manifest`` exists and starts with the header line :func:`_write` writes."""
+    try:
+        with open(manifest, encoding="utf-8", newline="") as f:
+            return f.readline().rstrip("\n") == ",".join(MANIFEST_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _check_replaceable(out: Path, samples: list[Sample]) -> None:
-    """``out`` is replaced whole: refuse when it holds anything but a manifest, the triptychs it lists and
-    those this prepare writes (a damaged manifest lists none: prepare rebuilds it over the same inputs)."""
+    """``out`` is replaced whole: refuse when it holds anything but a manifest and the triptychs it lists.
+
+    A manifest whose header is prepare's but whose rows are damaged lists nothing readable: the triptychs this
+    prepare writes then count as its own, so that it can rebuild the folder over the same inputs.
+    """
     if not out.exists():
         return
-    known = {MANIFEST, *map(_triptych_file, samples)}
+    known = {MANIFEST}
     try:
         known |= set(read_manifest(out)["file"])
-    except FluxfillError as e:  # no readable manifest: only the names written now are known
+    except FluxfillError as e:
         logger.debug("%s", e)
+        if _has_prepare_header(out / MANIFEST):
+            known |= set(map(_triptych_file, samples))
     foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
     foreign = [name for name in foreign if name not in known]
     if foreign:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import EVAL_METRICS, EVAL_SAMPLES, TRAIN_METRICS, damaged
-from .config import Params
-from .tracking import sqlite_path, training_run, ui_url
+from mlflow.exceptions import MlflowException
+
+from .artifacts import EVAL_METRICS, EVAL_SAMPLES, TRAIN_METRICS, damaged, first_line
+from .config import FluxfillError, Params
+from .tracking import read_run_ref, run_by_outputs, sqlite_path, ui_url
 
 
 def read_metrics(path: Path, stage: str) -> dict:
@@ -30,13 +32,19 @@ def read_metrics(path: Path, stage: str) -> dict:
 
 def summary_lines(params: Params) -> list[str]:
     lines = []
-    ref = training_run(params.train.output, params.tracking)
+    ref = read_run_ref(params.train.output)
+    if ref is None:
+        try:
+            ref = run_by_outputs(params.train.output, params.tracking)
+        except (FluxfillError, MlflowException) as e:  # the files below still tell
+            lines.append(f"MLflow not searched for the run of these weights: {first_line(e)}")
     if ref:
         uri = ref["tracking_uri"]
         db = sqlite_path(uri)
         page = ui_url("http://127.0.0.1:5000" if db else uri, ref["experiment_id"], ref["run_id"])
         ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then {page}" if db else page
-        lines += [f"MLflow run   {ref['run_id']} (experiment {params.tracking.experiment!r} at {uri})",
+        experiment = ref.get("experiment_name", params.tracking.experiment)
+        lines += [f"MLflow run   {ref['run_id']} (experiment {experiment!r} at {uri})",
                   f"open it      {ui}",
                   "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]
     else:

@@ -401,17 +401,13 @@ def producers(outputs_md5: str) -> list[Run]:
     return [r for r in runs if RESTORED_TAG not in r.data.tags]
 
 
-def training_run(train_output: str | os.PathLike, cfg: TrackingConfig) -> dict[str, str] | None:
-    """The MLflow run that trained the weights in ``train_output``: ``{"run_id", "experiment_id", "tracking_uri"}``.
-
-    The workspace's run reference (:func:`read_run_ref`) when there is one; else the newest training run at
-    ``cfg``'s tracking URI tagged with the weights' DVC hash (weights that `dvc exp apply`, `dvc checkout` or
-    `dvc pull` brought from a run of another workspace). None when neither knows them; a sqlite store that does
-    not exist yet is not created.
-    """
-    ref = read_run_ref(train_output)
-    if ref or models_digest(train_output) is None:
-        return ref
+def run_by_outputs(train_output: str | os.PathLike, cfg: TrackingConfig) -> dict[str, str] | None:
+    """The newest training run at ``cfg``'s tracking URI tagged with the DVC hash of the weights in ``train_output``
+    (weights that `dvc exp apply`, `dvc checkout` or `dvc pull` brought from a run of another workspace), as
+    ``{"run_id", "experiment_id", "experiment_name", "tracking_uri"}``; None when no run there wrote them. A sqlite
+    store that does not exist yet is not created. An unreachable store raises :class:`FluxfillError`."""
+    if models_digest(train_output) is None:
+        return None
     uri = tracking_uri(cfg)
     db = sqlite_path(uri)
     if db is not None and not db.exists():
@@ -422,7 +418,16 @@ def training_run(train_output: str | os.PathLike, cfg: TrackingConfig) -> dict[s
     found = producers(dvc_md5(Path(train_output)))
     if not found:
         return None
-    return {"run_id": found[0].info.run_id, "experiment_id": found[0].info.experiment_id, "tracking_uri": uri}
+    info = found[0].info
+    return {"run_id": info.run_id, "experiment_id": info.experiment_id, "tracking_uri": uri,
+            "experiment_name": mlflow.MlflowClient().get_experiment(info.experiment_id).name}
+
+
+def training_run(train_output: str | os.PathLike, cfg: TrackingConfig, root: str | os.PathLike = "."
+                 ) -> dict[str, str] | None:
+    """The MLflow run that trained the weights in ``train_output``: the workspace's run reference
+    (:func:`read_run_ref`) when there is one, else :func:`run_by_outputs`."""
+    return read_run_ref(train_output, root) or run_by_outputs(train_output, cfg)
 
 
 def find_run(run_id: str) -> Run | None:

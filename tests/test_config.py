@@ -100,7 +100,7 @@ def test_params_file_errors_name_the_file(tmp_path):
         load_params(wrong)
 
 
-def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys):
+def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys, monkeypatch):
     f = tmp_path / "params.yaml"
     f.write_text("data:\n  output: " + str(tmp_path / "out") + "\n")
     code = main(["prepare", "--params", str(f), "--set", "data.panel_size=500"])
@@ -109,6 +109,10 @@ def test_cli_bad_override_exits_2_with_the_message(tmp_path, capsys):
     assert err.startswith(f"fluxfill prepare: {f} with the overrides data.panel_size: 1 invalid setting(s):")
     assert "data.panel_size: Value error, panel_size 500 is not a positive multiple of 16" in err
     assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").unlink()  # no params file: the overrides alone are named
+    with pytest.raises(ConfigError, match=r"^the overrides data.panel_size, train.max_steps: 2 invalid setting\(s\):"):
+        load_params(overrides=["data.panel_size=500", "train.max_steps=six"])
 
 
 @pytest.mark.parametrize("flag, level", [([], logging.ERROR), (["-v"], logging.NOTSET), (["--verb"], logging.NOTSET)])

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -233,6 +234,16 @@ def test_summary_names_the_run_that_trained_the_weights(workspaces, tmp_path, mo
     ref.unlink()  # the fix the message gives: the run is found by its tag, the weights' DVC hash
     assert main(["summary"]) == 0
     assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
+    assert main(["summary", "--set", "tracking.experiment=other"]) == 0  # the run's own experiment is named
+    assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["summary", "--set", f"tracking.tracking_uri={dead}"]) == 0  # no server: the files still tell
+    out = capsys.readouterr().out
+    assert out.startswith(f"MLflow not searched for the run of these weights: MLflow tracking server {dead} is "
+                          "unreachable: [Errno 111] Connection refused")
+    assert "no MLflow run known" in out and "  steps            2" in out
     (ws / "models/fusion.safetensors").write_bytes(b"other weights")  # e.g. another run's, from DVC's cache
     assert main(["summary"]) == 0
     out = capsys.readouterr().out

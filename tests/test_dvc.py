@@ -291,17 +291,29 @@ def test_two_runs_write_byte_identical_outputs_and_dvc_lock(tmp_path, copy_repo)
 
 
 def test_a_stage_failing_under_dvc_repro_says_how_to_put_its_outputs_back(tmp_path):
-    (tmp_path / "params.yaml").write_text("data:\n  panel_size: 500\n  output: out\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: fluxfill prepare\n    outs: [out]\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: fluxfill prepare\n    params: [data.panel_size]\n"
+                                       "    outs: [out]\n")
     dvc(tmp_path, "init", "--no-scm", "-q")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode != 0
-    lines = [line for line in run.stderr.splitlines() if line.startswith("fluxfill prepare:")]
-    assert lines[0] == f"fluxfill prepare: {Path('params.yaml')}: 1 invalid setting(s):"
-    assert lines[-1] == ("fluxfill prepare: DVC removed the outputs of stage prepare before running it; "
-                         "`dvc checkout prepare` puts back the ones dvc.lock records")
+
+    def repro(panel_size: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+        (tmp_path / "params.yaml").write_text(f"data:\n  panel_size: {panel_size}\n  output: out\n")
+        run = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        return run, [line for line in run.stderr.splitlines() if line.startswith("fluxfill prepare:")]
+
+    run, lines = repro(500)  # the first run: dvc.lock records nothing to put back, no hint
+    assert run.returncode != 0 and lines == [f"fluxfill prepare: {Path('params.yaml')}: 1 invalid setting(s):"]
+    run, _ = repro(16)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "manifest.csv").exists()
+    run, lines = repro(500)
+    assert run.returncode != 0 and not (tmp_path / "out").exists()  # DVC removed the output before the stage ran
+    assert lines == [f"fluxfill prepare: {Path('params.yaml')}: 1 invalid setting(s):",
+                     "fluxfill prepare: DVC removed the outputs of stage prepare before running it; "
+                     "`dvc checkout prepare` puts back the ones dvc.lock records"]
+    assert dvc(tmp_path, "checkout", "prepare").returncode == 0  # the hint works
+    assert (tmp_path / "out" / "manifest.csv").exists()
     # the same error outside DVC: no DVC hint
     direct = subprocess.run([Path(sys.executable).parent / "fluxfill", "prepare"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)

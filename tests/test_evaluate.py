@@ -18,6 +18,7 @@ from PIL import Image
 from fluxfill import tracking
 from fluxfill.cli import main
 from fluxfill.config import FluxfillError, LoraConfig, validate
+from fluxfill.data import dvc_md5
 from fluxfill.encode import LatentCache, encode
 from fluxfill.evaluate import PSNR_CAP, psnr, ssim
 from fluxfill.fusion import SemanticFusion
@@ -229,6 +230,16 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_cfg, monkeypatch, caplog):
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert {"eval/grid_000.png", "eval/grid_001.png", "eval/per_sample.csv"} <= artifacts
     assert len(client.search_runs([exp])) == 1
+
+    # no run reference here (weights from another workspace): the run tagged with their DVC hash gets the scores
+    for ref in (tmp_path / ".fluxfill" / "runs").glob("*.json"):
+        ref.unlink()
+    tagged = client.create_run(exp, tags={tracking.OUTPUTS_TAG: dvc_md5(models)}).info.run_id
+    client.set_terminated(tagged)
+    assert main(["evaluate", "--device", "cpu"]) == 0
+    assert client.get_run(tagged).data.metrics["psnr"] == pytest.approx(metrics["psnr"])
+    assert len(client.get_metric_history(run_id, "psnr")) == 1  # the first evaluation's only
+    assert len(client.search_runs([exp])) == 2  # no new run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

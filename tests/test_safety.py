@@ -115,7 +115,7 @@ def test_without_git_the_skipped_tracked_file_check_is_logged(repo, monkeypatch,
 
 
 def test_prepare_replaces_its_output_only_when_it_wrote_everything_there(tmp_path):
-    from fluxfill.data import prepare
+    from fluxfill.data import collect, prepare
 
     cfg = DataConfig(panel_size=32, output=str(tmp_path / "prepared"))
     first = prepare(cfg)
@@ -137,6 +137,17 @@ def test_prepare_replaces_its_output_only_when_it_wrote_everything_there(tmp_pat
     (tmp_path / "prepared" / "photo.png").unlink()
     assert prepare(cfg).count == first.count
     assert manifest.read_bytes() == good
+    # without prepare's own manifest header, a file named like a triptych is not prepare's: a folder of photos
+    [sample, *_] = collect(cfg)
+    for header in (None, b"file,caption\n"):
+        photos = tmp_path / f"photos-{header is None}"
+        photos.mkdir()
+        (photos / f"{sample.id}.png").write_bytes(b"my photo")
+        if header:
+            (photos / "manifest.csv").write_bytes(header)
+        with pytest.raises(FluxfillError, match=rf"holds files `fluxfill prepare` did not write \({sample.id}.png\)"):
+            prepare(cfg.model_copy(update={"output": str(photos)}))
+        assert (photos / f"{sample.id}.png").read_bytes() == b"my photo"
 
 
 # --------------------------------------------------------------------------------------------------- lock
