@@ -94,7 +94,8 @@ def read_spec(folder: Path) -> ModelSpec:
 def _check_reference(fusion: SemanticFusion, reference) -> None:
     """Refuse a missing reference for a model whose fusion mixes one in."""
     if fusion.enabled and reference is None:
-        raise FluxfillError(f"this model mixes a reference into the conditioning (α = {float(fusion.alpha):.4f}): "
+        alpha = float(fusion.alpha.detach())
+        raise FluxfillError(f"this model mixes a reference into the conditioning (α = {alpha:.4f}): "
                             "pass a reference image (--reference PATH)")
 
 
