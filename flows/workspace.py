@@ -284,7 +284,7 @@ def restore_outputs(root: Path, stage: str) -> str:
     """Put back the outputs ``dvc.lock`` records for ``stage`` (``dvc checkout --force <stage>``); says what it did.
 
     DVC deletes a stage's outputs before running its command, so a failed run would otherwise leave
-    none; the last good ones are in DVC's cache (outputs with ``cache: false`` cannot come back).
+    none; the last good ones, metrics and plots included, are in DVC's cache.
     """
     proc = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", stage], cwd=root, env=stage_env(),
                           capture_output=True, text=True, errors="replace")

@@ -131,9 +131,19 @@ def test_a_points_weights_applied_to_the_workspace_find_their_training_run(swept
     shutil.copytree(repo, copy, symlinks=True)  # its own mlflow.db: the same runs
     [point] = mlflow.MlflowClient().search_runs(
         [_parent("ablation").info.experiment_id], "attributes.run_name = 'ablation-1'")  # fusion.mode none
+    shown = _run(copy, sys.executable, "-m", "dvc", "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    metrics = {exp["name"]: exp["data"]["metrics"] for rev in json.loads(shown.stdout)
+               for exp in (e for branch in rev.get("experiments") or [] for e in branch["revs"])}
+    assert metrics["ablation-1"]["metrics/train.json"]["data"]["fusion_weight"] is None  # each point's own metrics
+    assert metrics["ablation-2"]["metrics/train.json"]["data"]["fusion_weight"] == pytest.approx(0.1)
+    assert "psnr" in metrics["ablation-1"]["metrics/eval.json"]["data"]
+    before = json.loads((copy / "metrics" / "train.json").read_text())
     applied = _run(copy, sys.executable, "-m", "dvc", "exp", "apply", "ablation-1")
     assert applied.returncode == 0, applied.stderr[-3000:]
     assert "mode: none" in (copy / "params.yaml").read_text()
+    after = json.loads((copy / "metrics" / "train.json").read_text())  # the point's metrics came with its weights
+    assert before["fusion_weight"] is not None and after == metrics["ablation-1"]["metrics/train.json"]["data"]
     assert tracking.read_run_ref(copy / "models", copy) is None  # trained in DVC's temporary workspace
     summary = _run(copy, "fluxfill", "summary")
     assert summary.returncode == 0, summary.stderr[-3000:]
