@@ -14,10 +14,11 @@ ignores their alpha.
 
 The adapter on img_in (x_embedder) has 384 input features: it fits FLUX.1-Fill only.
 
-The fusion weight cannot be expressed in these tools: it is written next to the LoRA as <out stem>.fusion
-.safetensors (a copy of models/fusion.safetensors: tensors theta and proj.weight / proj.bias, metadata
-"fluxfill.fusion" with mode, dims and alpha). A tool that loads only the LoRA gets the LoRA without the
-reference fusion. With fusion mode none there is no sidecar.
+The fusion weight cannot be expressed in these tools: it is written next to the LoRA as
+<out stem>.fusion.safetensors (a copy of models/fusion.safetensors: tensors theta and proj.weight / proj.bias,
+metadata "fluxfill.fusion" with mode, dims and alpha). A tool that loads only the LoRA gets the LoRA without
+the reference fusion. With fusion mode none there is no sidecar. Existing files are replaced only with
+--overwrite.
 
 Examples:
   fluxfill export --format comfyui --out comfy.safetensors
@@ -32,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .artifacts import FUSION_FILE, LORA_DIR, LORA_WEIGHTS, reading
 from .config import FluxfillError, Params
@@ -159,8 +160,10 @@ def layout(bfl: dict[str, tuple[torch.Tensor, torch.Tensor, float]], fmt: str) -
     return tensors
 
 
-def export(model_dir: Path, fmt: str, out: Path) -> list[Path]:
-    """Write ``out`` in ``fmt`` and, unless fusion.mode is none, the fusion sidecar; returns the files written."""
+def export(model_dir: Path, fmt: str, out: Path, overwrite: bool = False) -> list[Path]:
+    """Write ``out`` in ``fmt`` and, unless fusion.mode is none, the fusion sidecar; returns the files written.
+
+    An existing ``out`` or sidecar is refused unless ``overwrite``."""
     from .sampling import load_fusion
 
     if fmt not in FORMATS:
@@ -172,6 +175,9 @@ def export(model_dir: Path, fmt: str, out: Path) -> list[Path]:
         modules, alpha = read_diffusers_lora(lora)
     fusion = load_fusion(model_dir / FUSION_FILE)  # missing or damaged: one line naming it
     sidecar = out.with_name(out.name.removesuffix(".safetensors") + ".fusion.safetensors") if fusion.enabled else None
+    existing = [str(f) for f in (out, sidecar) if f is not None and f.exists()]
+    if existing and not overwrite:
+        raise FluxfillError(f"{' and '.join(existing)} exist(s): pass --overwrite to replace, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
         shutil.copyfile(lora, out)
@@ -179,7 +185,7 @@ def export(model_dir: Path, fmt: str, out: Path) -> list[Path]:
         meta = {"fluxfill.format": fmt, "fluxfill.note": "FLUX.1-Fill only: img_in has 384 input features"}
         if sidecar:
             meta["fluxfill.fusion_sidecar"] = sidecar.name
-        save_file(layout(to_bfl(modules, alpha), fmt), str(out), metadata=meta)
+        out.write_bytes(save(layout(to_bfl(modules, alpha), fmt), metadata=meta))  # the umask's mode, like the copies
     if sidecar:
         shutil.copyfile(model_dir / FUSION_FILE, sidecar)
     return [out, sidecar] if sidecar else [out]
@@ -190,6 +196,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
     parser.add_argument("--model", default=None, help="model folder (default: models/) or models:/NAME@ALIAS, "
                         "models:/NAME/VERSION, runs:/RUN_ID")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and its sidecar")
 
 
 def run(params: Params, args) -> int:
@@ -199,7 +206,7 @@ def run(params: Params, args) -> int:
     model = args.model or str(default_model(params))
     with tempfile.TemporaryDirectory(prefix="fluxfill-export-") as tmp:
         folder = download_model(model, params.tracking, Path(tmp))[0] if is_model_uri(model) else Path(model)
-        written = export(folder, args.format, Path(args.out))
+        written = export(folder, args.format, Path(args.out), args.overwrite)
     print(f"export: {args.format} LoRA -> {written[0]}" + (f", fusion sidecar -> {written[1]}" if len(written) > 1
                                                              else " (no fusion sidecar: fusion mode none)"))
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import stat
 
 import pytest
 import torch
@@ -184,6 +186,23 @@ def test_cli_export_formats_and_fusion_sidecar(tmp_path, model_dir, model_factor
     assert sorted(p.name for p in tmp_path.glob("k*")) == ["k.safetensors"]
     assert main(["export", "--format", "kohya", "--out", "k.safetensors", "--model", "nowhere"]) == 1
     assert "nowhere/lora/pytorch_lora_weights.safetensors not found" in capsys.readouterr().err
+    # files the user can share: the umask's mode, as for any new file
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("comfy.safetensors", "comfy.fusion.safetensors", "k.safetensors", "d/lora.safetensors"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o666 & ~umask, f
+
+    # an existing file is replaced only with --overwrite
+    (tmp_path / "comfy.fusion.safetensors").write_bytes(b"mine")
+    before = (tmp_path / "comfy.safetensors").read_bytes()
+    assert main(["export", "--format", "comfyui", "--out", "comfy.safetensors", "--model", str(model_dir)]) == 1
+    assert capsys.readouterr().err.strip() == ("fluxfill export: error: comfy.safetensors and comfy.fusion.safetensors "
+                                               "exist(s): pass --overwrite to replace, or choose another --out")
+    assert (tmp_path / "comfy.fusion.safetensors").read_bytes() == b"mine"
+    assert (tmp_path / "comfy.safetensors").read_bytes() == before
+    assert main(["export", "--format", "comfyui", "--out", "comfy.safetensors", "--model", str(model_dir),
+                 "--overwrite"]) == 0
+    assert (tmp_path / "comfy.fusion.safetensors").read_bytes() == (model_dir / "fusion.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya", "comfyui"])
