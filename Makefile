@@ -54,4 +54,4 @@ lint: install
 	$(VENV)/bin/ruff check fluxfill flows tests bench
 
 clean:
-	rm -rf data/prepared data/latents models metrics plots eval checkpoints mlflow.db mlartifacts
+	rm -rf data/prepared data/latents models metrics plots eval checkpoints mlflow.db mlartifacts .fluxfill

@@ -38,16 +38,19 @@ def summary_lines(params: Params) -> list[str]:
             ref = run_by_outputs(params.train.output, params.tracking)
         except (FluxfillError, MlflowException) as e:  # the files below still tell
             lines.append(f"MLflow not searched for the run of these weights: {first_line(e)}")
-    if ref:
+    db = ref and sqlite_path(ref["tracking_uri"])
+    if db and not db.exists():
+        lines.append(f"MLflow run   {ref['run_id']} trained these weights, but its database {db} is gone: "
+                     "`dvc repro --force train` trains them again in a new run")
+    elif ref:
         uri = ref["tracking_uri"]
-        db = sqlite_path(uri)
         page = ui_url("http://127.0.0.1:5000" if db else uri, ref["experiment_id"], ref["run_id"])
         ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1   # then {page}" if db else page
         experiment = ref.get("experiment_name", params.tracking.experiment)
         lines += [f"MLflow run   {ref['run_id']} (experiment {experiment!r} at {uri})",
                   f"open it      {ui}",
                   "compare      fluxfill compare    (or select runs in the MLflow UI -> Compare)"]
-    else:
+    elif not lines:
         lines.append(f"no MLflow run known for the weights in {params.train.output}/ (none trained yet, or trained "
                      "with another tracking URI): run `dvc repro` (or `make run`)")
     train, evals = read_metrics(Path(TRAIN_METRICS), "train"), read_metrics(Path(EVAL_METRICS), "evaluate")

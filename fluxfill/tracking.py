@@ -130,7 +130,7 @@ def check_reachable(uri: str) -> None:
             raise FluxfillError(
                 f"MLflow tracking server {uri} is unreachable: {reason}; start it with "
                 f"`mlflow server --host 127.0.0.1 --port {port} --backend-store-uri sqlite:///$PWD/mlflow.db` "
-                "or unset MLFLOW_TRACKING_URI to use the local sqlite database"
+                "or use the local sqlite database (tracking.tracking_uri and MLFLOW_TRACKING_URI both unset)"
             ) from e
         if resp.status_code != 200:
             raise FluxfillError(

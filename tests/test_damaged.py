@@ -225,7 +225,8 @@ def test_summary_names_the_run_that_trained_the_weights(workspaces, tmp_path, mo
     shutil.copytree(workspaces["done"], ws)
     monkeypatch.chdir(ws)
     [ref] = (ws / artifacts.RUN_REFS).glob("*.json")
-    run_id = json.loads(ref.read_text())["run_id"]
+    saved = ref.read_text()
+    run_id = json.loads(saved)["run_id"]
     capsys.readouterr()
     assert main(["summary"]) == 0
     assert f"MLflow run   {run_id} (experiment 'fluxfill'" in capsys.readouterr().out
@@ -243,7 +244,12 @@ def test_summary_names_the_run_that_trained_the_weights(workspaces, tmp_path, mo
     out = capsys.readouterr().out
     assert out.startswith(f"MLflow not searched for the run of these weights: MLflow tracking server {dead} is "
                           "unreachable: [Errno 111] Connection refused")
-    assert "no MLflow run known" in out and "  steps            2" in out
+    assert "no MLflow run known" not in out and "  steps            2" in out
+    db = ws / "gone.db"  # e.g. after `make clean` of an older version, which left .fluxfill/ in place
+    ref.write_text(json.dumps({**json.loads(saved), "tracking_uri": f"sqlite:///{db}"}))
+    assert main(["summary"]) == 0
+    assert capsys.readouterr().out.startswith(f"MLflow run   {run_id} trained these weights, but its database {db} "
+                                              "is gone: `dvc repro --force train` trains them again in a new run\n")
     (ws / "models/fusion.safetensors").write_bytes(b"other weights")  # e.g. another run's, from DVC's cache
     assert main(["summary"]) == 0
     out = capsys.readouterr().out

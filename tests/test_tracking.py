@@ -90,7 +90,7 @@ def test_unreachable_server_fails_fast_with_advice():
     msg = str(err.value)
     assert re.match(rf"MLflow tracking server {uri} is unreachable: \[Errno \d+\] Connection refused; ", msg)
     assert f"mlflow server --host 127.0.0.1 --port {uri.rsplit(':', 1)[1]} " in msg
-    assert msg.endswith("or unset MLFLOW_TRACKING_URI to use the local sqlite database")
+    assert msg.endswith("or use the local sqlite database (tracking.tracking_uri and MLFLOW_TRACKING_URI both unset)")
     assert "Connection refused" in str(err.value.__cause__)  # MLflow's own error stays chained
 
 
