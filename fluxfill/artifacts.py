@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,17 @@ def canonical(value):
     if isinstance(value, list | tuple):
         return [canonical(v) for v in value]
     return value
+
+
+def umask_mode(path: Path) -> None:
+    """Give ``path`` the mode any new file gets (0o666 less the umask): safetensors' ``save_file`` creates 0600
+    files, which another user (a shared model folder, ComfyUI run by someone else) cannot read."""
+    probe = path.with_name(f".{path.name}.mode-probe")
+    probe.touch()
+    try:
+        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
+    finally:
+        probe.unlink()
 
 
 def canonical_safetensors_header(path: Path) -> None:

@@ -33,9 +33,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import save_file
 
-from .artifacts import FUSION_FILE, LORA_DIR, LORA_WEIGHTS, reading
+from .artifacts import FUSION_FILE, LORA_DIR, LORA_WEIGHTS, reading, umask_mode
 from .config import FluxfillError, Params
 
 FORMATS = ("diffusers", "kohya", "comfyui")
@@ -185,7 +185,8 @@ def export(model_dir: Path, fmt: str, out: Path, overwrite: bool = False) -> lis
         meta = {"fluxfill.format": fmt, "fluxfill.note": "FLUX.1-Fill only: img_in has 384 input features"}
         if sidecar:
             meta["fluxfill.fusion_sidecar"] = sidecar.name
-        out.write_bytes(save(layout(to_bfl(modules, alpha), fmt), metadata=meta))  # the umask's mode, like the copies
+        save_file(layout(to_bfl(modules, alpha), fmt), str(out), metadata=meta)
+        umask_mode(out)
     if sidecar:
         shutil.copyfile(model_dir / FUSION_FILE, sidecar)
     return [out, sidecar] if sidecar else [out]

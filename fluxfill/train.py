@@ -65,6 +65,7 @@ from .artifacts import (
     damaged,
     lora_weights,
     reading,
+    umask_mode,
 )
 from .config import FluxfillError, Params
 from .encode import LatentCache, settings
@@ -427,6 +428,8 @@ def _write_outputs(params: Params, accelerator, transformer, fusion, run, histor
             transformer_lora_adapter_metadata=canonical(unwrapped.peft_config["default"].to_dict()))
         canonical_safetensors_header(lora_weights(out_dir))
         fusion_module.save(out_dir / FUSION_FILE)
+        for weights in (lora_weights(out_dir), out_dir / FUSION_FILE):
+            umask_mode(weights)  # readable as any new file is: the folder is meant to be shared
         write_spec(params, out_dir)  # the folder is complete: its digest keys the run reference
         tracking.write_run_ref(run, out_dir)
         _write_metrics(history, result)

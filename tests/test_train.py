@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -95,6 +96,12 @@ def test_train_outputs_metrics_and_mlflow(latents, workdir):
     assert run.data.tags["fluxfill.models_md5"] == dvc_md5(Path("models"))  # what DVC records for the output
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert "model/fusion.safetensors" in artifacts and "model/lora" in artifacts
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("models/lora/pytorch_lora_weights.safetensors", "models/fusion.safetensors", "models/fluxfill_model.json"):
+        assert stat.S_IMODE(Path(f).stat().st_mode) == 0o666 & ~umask, f  # readable as any new file (not 0600)
+    assert sorted(p.name for p in Path("models").rglob("*")) == [
+        "fluxfill_model.json", "fusion.safetensors", "lora", "pytorch_lora_weights.safetensors"]  # no probe left
 
 
 def test_lora_loads_into_fill_pipeline_and_changes_output(latents, workdir, tiny):
