@@ -310,24 +310,7 @@ def train_diptych(
     else:
         notes.append("dvc.lock is up to date: `dvc repro` has nothing to do")
 
-    mlflow_info, ref = None, None
-    try:
-        ref = training_run(root / params.train.output, params.tracking, root)
-    except Exception as e:  # the stages' results stand; the link is what is missing
-        notes.append(f"the MLflow run of the weights in {params.train.output}/ was not looked up: {e}")
-        logger.warning("MLflow run not looked up: %s", e)
-    if ref:
-        trained = any(r.stage == "train" and r.status == "ran" for r in runs)
-        tags = _prefect_tags(flat) if trained else None  # an earlier run keeps its own tags
-        try:
-            mlflow_info = mlflow_run(ref, tags, params.tracking.registered_model)
-        except Exception as e:  # retried already; the stages' results stand, the link is what is missing
-            notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
-            logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)
-        if not trained:
-            notes.append("training did not run in this flow run: the MLflow run is the earlier one")
-    else:
-        notes.append(f"no MLflow run is known for the weights in {params.train.output}/: no MLflow run to link")
+    mlflow_info = _link_mlflow_run(root, params, runs, flat, notes, logger)
 
     if run_name and save_experiment:
         try:
@@ -340,6 +323,30 @@ def train_diptych(
     metrics = _read_metrics(root, logger)
     publish(runs, changed, metrics, mlflow_info, notes)
     return {"stages": [r.to_dict() for r in runs], "overrides": changed, "metrics": metrics, "mlflow": mlflow_info}
+
+
+def _link_mlflow_run(root: Path, params, runs: list[StageRun], flat: dict[str, Any], notes: list[str],
+                     logger) -> dict[str, Any] | None:
+    """The MLflow run that trained the workspace's weights (:func:`mlflow_run`), tagged with this flow run when it
+    trained them; None, with a note, when it is unknown or unreachable (the stages' results stand)."""
+    try:
+        ref = training_run(root / params.train.output, params.tracking, root)
+    except Exception as e:
+        notes.append(f"the MLflow run of the weights in {params.train.output}/ was not looked up: {e}")
+        logger.warning("MLflow run not looked up: %s", e)
+        return None
+    if not ref:
+        notes.append(f"no MLflow run is known for the weights in {params.train.output}/: no MLflow run to link")
+        return None
+    trained = any(r.stage == "train" and r.status == "ran" for r in runs)
+    if not trained:
+        notes.append("training did not run in this flow run: the MLflow run is the earlier one")
+    try:  # an earlier run keeps its own tags
+        return mlflow_run(ref, _prefect_tags(flat) if trained else None, params.tracking.registered_model)
+    except Exception as e:  # retried already
+        notes.append(f"MLflow run {ref['run_id']} not reachable at {ref['tracking_uri']}: {e}")
+        logger.warning("MLflow run %s not reachable: %s", ref["run_id"], e)
+        return None
 
 
 def _prefect_tags(flat: dict[str, Any]) -> dict[str, str]:
