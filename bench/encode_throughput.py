@@ -8,18 +8,26 @@ reports samples/s and the ratio of the whole stage's wall time to the model call
 - model calls:  the same ``encode_prompts`` / ``encode_diptychs`` / ``encode_references`` calls on the same
                 batches, models already loaded and images already decoded in memory, nothing else running.
 
-1.0 would be a stage whose I/O is entirely hidden behind the model calls. Stage and model-call runs
-alternate for ``ROUNDS`` rounds (the machine is shared and noisy): the ratio is the median of the rounds'
+1.0 would be a stage whose I/O is entirely hidden behind the model calls. The model runs on one intra-op
+thread (``FLUXFILL_BENCH_THREADS`` overrides), as the training-overhead bench does: on a GPU the model calls
+leave the host's cores to the reader and writer threads, and on a small CPU machine one thread leaves them a
+core; with every core in torch's pool the figure measures the threads taking turns on the same cores rather
+than I/O hidden behind compute, and one thread keeps the rounds within a few per cent of each other on a
+shared machine (two threads: ±15 %). Stage and model-call runs
+alternate for ``ROUNDS`` rounds, each run first in every other round (the machine is shared and noisy): the ratio is the median of the rounds'
 ratios (each pairs runs a few seconds apart), with their spread; times are medians over rounds.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from bench.common import params, write_result
 from fluxfill import encode as encode_module
@@ -41,8 +49,7 @@ def model_calls_alone(p, prepared: Path) -> float:
     """Seconds inside the three families' encode calls on pre-decoded inputs (loading and decoding not timed)."""
     rows = batches(p, prepared)
     m = p.model
-    panels = [encode_module.load_triptychs(prepared, b) for b in rows]
-    inputs = [([q.diptych for q in ps], [q.mask for q in ps], [q.reference for q in ps]) for ps in panels]
+    inputs = [encode_module.model_inputs(prepared, b) for b in rows]
     text = text_pipeline(*[load_component(m, n) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")])
     start = time.perf_counter()
     for b in rows:
@@ -72,6 +79,7 @@ def stage(p, root: Path) -> float:
 
 
 def main() -> dict:
+    torch.set_num_threads(int(os.environ.get("FLUXFILL_BENCH_THREADS", "1")))
     root = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     figures = {}
     try:
@@ -80,9 +88,12 @@ def main() -> dict:
         for bs in (1, 4, 8):
             p = params(root, PANEL, encode={"batch_size": bs, "shard_size": SHARD})
             stages, alone = [], []
-            for _ in range(ROUNDS):
+            for r in range(ROUNDS):  # which of the two runs first alternates, so a drift in load cancels
+                if r % 2:
+                    alone.append(model_calls_alone(p, root / "prepared"))
                 stages.append(stage(p, root))
-                alone.append(model_calls_alone(p, root / "prepared"))
+                if not r % 2:
+                    alone.append(model_calls_alone(p, root / "prepared"))
             wall, inside = statistics.median(stages), statistics.median(alone)
             ratios = [s / a for s, a in zip(stages, alone, strict=True)]
             ratio = statistics.median(ratios)
@@ -98,6 +109,7 @@ def main() -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     figures["target_stage_over_model_calls"] = TARGET
+    figures["threads"] = torch.get_num_threads()
     write_result("encode_throughput", figures)
     return figures
 

@@ -2,14 +2,14 @@
 
 Side by side in one process, on the same model (tiny transformer + LoRA + fusion) and batch shape:
 
-- bare:  ``flow_matching_step`` -> backward -> AdamW step -> zero_grad, on one fixed batch already in memory:
-         the work a step cannot avoid;
+- bare:  ``flow_matching_step`` -> backward -> AdamW step -> zero_grad, on one fixed batch already in memory
+         and the trainer's own transformer and fusion (see :class:`Bare`): the work a step cannot avoid;
 - ours:  ``fluxfill.train.train``, the loop ``fluxfill train`` runs (data from the memory-mapped cache,
          ``fluxfill.step.train_step`` under accelerate, clipping, schedule, per-step metrics to MLflow,
          progress bar, per-step host work).
 
 Each round runs ``fluxfill.train.train`` once; at every call of ``fluxfill.step.train_step`` (the function the
-loop calls) one bare step runs first, on its own model. So bare and ours alternate step by step, and the
+loop calls) one bare step runs first, on the same weights. So bare and ours alternate step by step, and the
 machine's load drifts equally over both. Per loop iteration, in process CPU time (all threads: torch's and
 MLflow's logging thread):
 
@@ -44,26 +44,30 @@ import fluxfill.train as train_module
 from bench.common import params, write_result
 from fluxfill.encode import LatentCache, encode
 from fluxfill.fusion import SemanticFusion
-from fluxfill.models import add_lora, load_component
-from fluxfill.objective import flow_matching_step, model_dtype
+from fluxfill.objective import flow_matching_step
+from fluxfill.step import make_optimizer
 from tests.helpers import make_prepared
 
 SAMPLES, PANEL, BATCH, WARMUP, STEPS, ROUNDS, TARGET_MS = 16, 128, 4, 3, 30, 5, 5.0
 
 
 class Bare:
-    """The unavoidable work of a step, on its own model and a fixed batch; returns (main-thread CPU s, wall s)."""
+    """The unavoidable work of a step, on a fixed batch and the trainer's own model: its transformer and fusion
+    (unwrapped) with an AdamW of their own, built as ``fluxfill.step.make_optimizer`` builds the trainer's.
+    Two model instances step up to 2 ms apart on this machine (memory placement), so the bare step shares the
+    trainer's weights, rebound at the first step of each round. Returns (main-thread CPU s, wall s)."""
 
     def __init__(self, p, cache):
-        torch.manual_seed(0)
-        self.transformer = add_lora(load_component(p.model, "transformer"), p.train.lora).train()
-        item = cache[0]
-        self.fusion = SemanticFusion.from_config(p.fusion, item["pooled_prompt_embeds"].shape[-1],
-                                                 item["image_embeds"].shape[-1])
-        self.opt = torch.optim.AdamW([*(q for q in self.transformer.parameters() if q.requires_grad),
-                                      *self.fusion.parameters()], lr=p.train.learning_rate)
-        self.batch, self.i = cache.collate([cache[i] for i in range(BATCH)]), 0
-        self.dtype = model_dtype(self.transformer)  # looked up once, as fluxfill.step.Trainer does
+        self.p, self.trainer = p, None
+        self.batch = cache.collate([cache[i] for i in range(BATCH)])
+
+    def bind(self, trainer) -> None:
+        if trainer is self.trainer:
+            return
+        acc = trainer.accelerator
+        self.transformer, self.fusion = acc.unwrap_model(trainer.transformer), acc.unwrap_model(trainer.fusion)
+        self.opt = make_optimizer(self.p, self.transformer, self.fusion, torch.device("cpu"))
+        self.trainer, self.dtype, self.i = trainer, trainer.dtype, 0
 
     def __call__(self) -> tuple[float, float]:
         c, w = time.thread_time(), time.perf_counter()
@@ -114,12 +118,13 @@ def one_round(p, bare: Bare, root: Path) -> dict:
     spent: dict[str, float] = dict.fromkeys(["train_step", *(label for *_, label in SECTIONS)], 0.0)
     real_step = step_module.train_step
 
-    def paired(*args, **kwargs):
+    def paired(trainer, *args, **kwargs):
+        bare.bind(trainer)
         c, w = time.process_time(), time.perf_counter()
         marks.append((c, w, *bare(), dict(spent)))
         start = time.thread_time()
         try:
-            return real_step(*args, **kwargs)
+            return real_step(trainer, *args, **kwargs)
         finally:
             spent["train_step"] += time.thread_time() - start
 

@@ -12,7 +12,8 @@ plus, once per geometry, mask_latents [1, N, 256], img_ids [N, 3] and txt_ids [T
 
 Files are safetensors shards of ``encode.shard_size`` samples per kind (``text-00000.safetensors``, ...),
 written atomically (temp file, then rename) by a worker thread while the next batch encodes; another worker
-decodes the next batches' triptych PNGs ahead of the model. Each shard records a fingerprint of its inputs
+decodes the next batches' triptych PNGs into model inputs ahead of the model, from the start of the text
+phase. Each shard records a fingerprint of its inputs
 (triptych hashes, prompts) and settings (preset, weights, panel size, dtype, code version): a shard whose
 fingerprint matches is kept, so an interrupted encode resumes where it stopped and an unchanged dataset encodes nothing. The VAE
 posterior is taken at its mode, so the same inputs give bit-identical files on the CPU.
@@ -101,6 +102,12 @@ def load_triptychs(prepared: Path, rows: pd.DataFrame) -> list[Panels]:
     return out
 
 
+def model_inputs(prepared: Path, rows: pd.DataFrame) -> tuple[list[Image.Image], list[Image.Image], list[Image.Image]]:
+    """``(diptychs, masks, references)`` of ``rows``' triptychs: what the VAE and vision encoders take."""
+    panels = load_triptychs(prepared, rows)
+    return [p.diptych for p in panels], [p.mask for p in panels], [p.reference for p in panels]
+
+
 @dataclass
 class Shard:
     index: int
@@ -149,8 +156,8 @@ def _batches(rows: pd.DataFrame, size: int):
 def _ahead(pool: ThreadPoolExecutor, fn, items, depth: int = 2):
     """``(item, fn(item))`` in order, ``fn`` running ``depth`` items ahead in ``pool``'s worker thread.
 
-    The first ``depth`` calls start at once, so they overlap the model loading that follows. PNG decoding and
-    cropping release the GIL, so the next batches are read while the model encodes this one.
+    The first ``depth`` calls start at once, so they overlap the text phase and the model loading that follow.
+    PNG decoding and cropping release the GIL, so the next batches are read while the model encodes this one.
     """
     items = iter(items)
     queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, depth))
@@ -240,27 +247,31 @@ def _encode_text(job: _Job, todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
     return [weakref.ref(pipe.text_encoder), weakref.ref(pipe.text_encoder_2)]
 
 
-def _encode_images(job: _Job, vae_todo: list[tuple[Shard, str]], vision_todo: list[tuple[Shard, str]],
-                   first_rows: pd.DataFrame) -> list[weakref.ref]:
+def _image_batches(job: _Job, vae_todo: list[tuple[Shard, str]], vision_todo: list[tuple[Shard, str]],
+                   first_rows: pd.DataFrame) -> list[tuple[Shard | None, pd.DataFrame]]:
+    """The batches the images phase reads, shard by shard; only ``first_rows`` when just the geometry is missing."""
+    shards = sorted({sh.index: sh for sh, _ in vae_todo + vision_todo}.values(), key=lambda sh: sh.index)
+    return [(sh, b) for sh in shards for b in _batches(sh.rows, job.params.encode.batch_size)] or [(None, first_rows)]
+
+
+def _encode_images(job: _Job, reads, vae_todo: list[tuple[Shard, str]],
+                   vision_todo: list[tuple[Shard, str]]) -> list[weakref.ref]:
     """Phase 2: the VAE and the CLIP vision tower, which share one decode of each triptych.
 
-    Writes each shard's pending ``vae`` and ``vision`` files; geometry.safetensors comes from the first batch
-    (or from ``first_rows`` when no shard is pending). Returns weak references to the models.
+    ``reads`` yields ``((shard, rows), model_inputs)`` for :func:`_image_batches`, decoded ahead by a worker.
+    Writes each shard's pending ``vae`` and ``vision`` files; geometry.safetensors comes from the first batch.
+    Returns weak references to the models.
     """
     pending = {"vae": {sh.index: fp for sh, fp in vae_todo}, "vision": {sh.index: fp for sh, fp in vision_todo}}
-    shards = sorted({sh.index: sh for sh, _ in vae_todo + vision_todo}.values(), key=lambda sh: sh.index)
-    items = [(sh, b) for sh in shards for b in _batches(sh.rows, job.params.encode.batch_size)] or [(None, first_rows)]
     geometry = bool(vae_todo) or not (job.out / GEOMETRY).exists()
     parts, seen = {"x_0": [], "masked_latents": [], "image_embeds": []}, 0
-    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool,  # joined on any exit
-          tqdm(total=len(shards), desc="encode images", unit="shard") as bar):
-        reads = _ahead(pool, lambda item: load_triptychs(job.prepared, item[1]), items)  # decoding starts now
-        vae = vae_pipeline(job.load("vae")) if geometry else None
-        vision = (job.load("image_encoder"), job.load("image_processor")) if vision_todo else None
-        for i, ((sh, rows), panels) in enumerate(reads):
+    vae = vae_pipeline(job.load("vae")) if geometry else None
+    vision = (job.load("image_encoder"), job.load("image_processor")) if vision_todo else None
+    with tqdm(total=len(pending["vae"].keys() | pending["vision"].keys()), desc="encode images", unit="shard") as bar:
+        for i, ((sh, rows), (diptychs, masks, references)) in enumerate(reads):
             wanted = {ph for ph, fps in pending.items() if sh is not None and sh.index in fps}
             if "vae" in wanted or i == 0 and geometry:
-                enc = encode_diptychs(vae, [p.diptych for p in panels], [p.mask for p in panels])
+                enc = encode_diptychs(vae, diptychs, masks)
                 if i == 0 and geometry:  # the same for every sample: it depends on the panel size only
                     job.writer.save_geometry({"mask_latents": enc.mask_latents[:1].to(job.store),  # [1, N, 256]
                                               "img_ids": enc.img_ids.float(),  # [N, 3]
@@ -270,7 +281,7 @@ def _encode_images(job: _Job, vae_todo: list[tuple[Shard, str]], vision_todo: li
                     parts["x_0"].append(enc.x_0)  # [b, N, 64]
                     parts["masked_latents"].append(enc.masked_latents)  # [b, N, 64]
             if "vision" in wanted:
-                parts["image_embeds"].append(encode_references(*vision, [p.reference for p in panels]))  # [b, E]
+                parts["image_embeds"].append(encode_references(*vision, references))  # [b, E]
             seen += len(rows)
             if sh is None or seen < len(sh.rows):  # not the shard's last batch
                 continue
@@ -318,16 +329,20 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
                 todo.append((sh, fp))
         return todo
 
+    text_todo, vae_todo, vision_todo = pending("text"), pending("vae"), pending("vision")
     writer = _Writer(out, stop_after)
     job = _Job(params, prepared, out, dev, resolve_dtype(params.model.dtype, dev), DTYPES[params.encode.dtype], writer)
     complete = True
     try:
-        if todo := pending("text"):
-            _release(*_encode_text(job, todo))
-            writer.flush()
-        vae_todo, vision_todo = pending("vae"), pending("vision")
-        if vae_todo or vision_todo or not (out / GEOMETRY).exists():
-            _release(*_encode_images(job, vae_todo, vision_todo, df.head(1)))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool:  # joined on any exit
+            images = vae_todo or vision_todo or not (out / GEOMETRY).exists()
+            batches = _image_batches(job, vae_todo, vision_todo, df.head(1)) if images else []
+            reads = _ahead(pool, lambda item: model_inputs(prepared, item[1]), batches)  # decoding starts now
+            if text_todo:
+                _release(*_encode_text(job, text_todo))
+                writer.flush()
+            if images:
+                _release(*_encode_images(job, reads, vae_todo, vision_todo))
     except _Stop:
         complete = False
     finally:

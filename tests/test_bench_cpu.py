@@ -7,16 +7,21 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
 def captured(monkeypatch):
-    """The figures a benchmark would write to bench/results/ (which the tests leave alone)."""
+    """The figures a benchmark would write to bench/results/ (which the tests leave alone); the benchmarks set
+    torch's thread count, which is put back."""
     got = {}
     for module in ("bench.encode_throughput", "bench.train_overhead"):
         monkeypatch.setattr(importlib.import_module(module), "write_result",
                             lambda name, figures: got.setdefault(name, figures))
-    return got
+    monkeypatch.delenv("FLUXFILL_BENCH_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    yield got
+    torch.set_num_threads(threads)
 
 
 def test_encode_bench_reports_stage_over_model_calls(captured, monkeypatch):
@@ -28,7 +33,7 @@ def test_encode_bench_reports_stage_over_model_calls(captured, monkeypatch):
     monkeypatch.setattr(b, "ROUNDS", 3)
     b.main()
     figures = captured["encode_throughput"]
-    assert figures["target_stage_over_model_calls"] == 1.10
+    assert figures["target_stage_over_model_calls"] == 1.10 and figures["threads"] == 1 == torch.get_num_threads()
     half = 5e-4  # the file rounds each figure to 3 decimals: the figures agree within what that rounding allows
     for bs in (1, 4, 8):
         f = figures[f"batch_{bs}"]

@@ -293,3 +293,38 @@ def test_a_failed_model_load_leaves_no_reader_thread_behind(cache, monkeypatch):
         encode(params, device="cpu")
     assert failure.value.__traceback__ is not None  # the traceback (and its frames) are still held here
     assert [t.name for t in threading.enumerate() if t.name.startswith("encode-read")] == []
+
+
+def test_triptych_reads_start_under_the_text_phase(tmp_path, monkeypatch):
+    """The first batches' PNGs decode while the text encoders run (under T5-XXL that is minutes), and a text
+    phase that fails still ends the reader."""
+    import threading
+
+    from fluxfill import encode as encode_module
+
+    make_prepared(tmp_path / "prepared", 5, PANEL)
+    read, seen = threading.Event(), []
+    real_inputs, real_prompts = encode_module.model_inputs, encode_module.encode_prompts
+
+    def model_inputs(*args):
+        read.set()
+        return real_inputs(*args)
+
+    def encode_prompts(*args):
+        seen.append(read.wait(timeout=30))  # only set before the text phase ends if the reads started before it
+        return real_prompts(*args)
+
+    monkeypatch.setattr(encode_module, "model_inputs", model_inputs)
+    monkeypatch.setattr(encode_module, "encode_prompts", encode_prompts)
+    encode(params_for(tmp_path), device="cpu")
+    assert seen == [True, True, True]  # 5 prompts in batches of 2
+
+    def failing(*args):
+        raise FluxfillError("text encoder failed")
+
+    monkeypatch.setattr(encode_module, "encode_prompts", failing)
+    for f in (tmp_path / "latents").iterdir():
+        f.unlink()
+    with pytest.raises(FluxfillError, match="text encoder failed"):
+        encode(params_for(tmp_path), device="cpu")
+    assert [t.name for t in threading.enumerate() if t.name.startswith("encode-read")] == []
