@@ -35,7 +35,7 @@ from fluxfill.latents import encode_diptychs, encode_prompts, encode_references,
 from fluxfill.models import load_component
 from tests.helpers import make_prepared
 
-SAMPLES, PANEL, SHARD, ROUNDS, TARGET = 16, 512, 8, 5, 1.10
+SAMPLES, PANEL, SHARD, ROUNDS, TARGET = 16, 512, 8, 7, 1.10
 
 
 def batches(p, prepared: Path) -> list:
