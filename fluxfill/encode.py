@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, first_line, reading
+from .artifacts import CACHE_GEOMETRY, CACHE_META, MANIFEST, damaged, first_line, reading, umask_mode
 from .config import FluxfillError, Params
 from .data import read_manifest
 from .latents import encode_diptychs, encode_prompts, encode_references, text_ids, text_pipeline, vae_pipeline
@@ -145,6 +145,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata={"fluxfill": json.dumps(metadata, sort_keys=True)})
+    umask_mode(tmp)  # save_file creates 0600 files: a shared data folder is readable as any other file
     os.replace(tmp, path)
 
 

@@ -97,12 +97,11 @@ class SemanticFusion(nn.Module):
         on the device, so that logging them needs no host sync; {} for mode none."""
         if not self.enabled or image_embeds is None:
             return {}
-        with torch.no_grad():
-            p = pooled_text.float()  # [B, P]
-            r = self.reference(image_embeds).float()  # [B, P]
-            ratio = r.norm(dim=-1) / p.norm(dim=-1).clamp_min(NORM_EPS)  # [B]
-            return {"fusion_weight": self.alpha.detach().float(),
-                    "fusion_cos": nn.functional.cosine_similarity(p, r).mean(), "fusion_ref_norm": ratio.mean()}
+        p = pooled_text.float()  # [B, P]
+        r = self.reference(image_embeds).float()  # [B, P]
+        ratio = r.norm(dim=-1) / p.norm(dim=-1).clamp_min(NORM_EPS)  # [B]
+        return {"fusion_weight": self.alpha.detach().float(),
+                "fusion_cos": nn.functional.cosine_similarity(p, r).mean(), "fusion_ref_norm": ratio.mean()}
 
     def stats(self, pooled_text: torch.Tensor, image_embeds: torch.Tensor | None) -> dict[str, float]:
         """:meth:`stat_tensors` as floats."""

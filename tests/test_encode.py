@@ -90,6 +90,14 @@ def test_cache_equals_direct_encode(cache, tiny):
 
 def test_second_encode_writes_nothing(cache):
     params, _, out = cache
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)  # every file readable as any new file is (safetensors' save_file alone creates 0600 files)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o666 & ~umask
+                                                                              for p in out.iterdir()}
+    assert len(list(out.iterdir())) == 11  # 9 shards, geometry, meta.json: no temporary or probe file left
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = encode(params, device="cpu")
     assert again["written"] == [] and len(again["kept"]) == 9
