@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flows import workspace
+from fluxfill import artifacts
 from fluxfill.config import ConfigError, load_params
 from fluxfill.tracking import read_run_ref
 
@@ -428,14 +429,21 @@ def test_served_deployment_runs_the_chain_with_overrides(tmp_path, repo_copy):
             assert {"stage": "train", "file": "metrics/train.json", "metric": "loss",
                     "value": train_metrics["loss"]} in rows
 
-            # the same request again: every stage is up to date, nothing runs, no new MLflow run
+            # the same request again: every stage is up to date, nothing runs, no new MLflow run; the workspace's
+            # run references are gone (as in a clone after `dvc pull`): the run is found by the weights' hash tag
             from prefect.deployments import run_deployment
 
+            refs = list((repo / artifacts.RUN_REFS).glob("*.json"))
+            assert len(refs) == 1
+            refs[0].unlink()
             again = run_deployment("train-diptych/local", parameters={"overrides": overrides}, timeout=300)
             assert again.state.is_completed(), again.state
-            summary = _artifacts(again.id)["train-diptych-summary"].data
+            arts = _artifacts(again.id)
             for stage in ("prepare", "encode", "train", "evaluate"):
-                assert f"| {stage} | up to date |" in summary
+                assert f"| {stage} | up to date |" in arts["train-diptych-summary"].data
+            assert "training did not run in this flow run: the MLflow run is the earlier one" in \
+                arts["train-diptych-summary"].data
+            assert ref["run_id"] in arts["mlflow-run"].data
             assert len(client.search_runs([ref["experiment_id"]])) == 1
 
             # fewer steps than the checkpoint the first run left (step 2): a new run of exactly 1 step, from step 0
