@@ -12,10 +12,12 @@ reports samples/s and the ratio of the whole stage's wall time to the model call
 thread (``FLUXFILL_BENCH_THREADS`` overrides), as the training-overhead bench does: on a GPU the model calls
 leave the host's cores to the reader and writer threads, and on a small CPU machine one thread leaves them a
 core; with every core in torch's pool the figure measures the threads taking turns on the same cores rather
-than I/O hidden behind compute, and one thread keeps the rounds within a few per cent of each other on a
-shared machine (two threads: ±15 %). Stage and model-call runs
-alternate for ``ROUNDS`` rounds, each run first in every other round (the machine is shared and noisy): the ratio is the median of the rounds'
-ratios (each pairs runs a few seconds apart), with their spread; times are medians over rounds.
+than I/O hidden behind compute. ``fluxfill encode`` itself uses torch's default thread count. On the shared
+2-core machine, two model-call runs in a row differ by up to ±5 % with one thread and ±20 % with two.
+
+Stage and model-call runs alternate for ``ROUNDS`` rounds, each run first in every other round (the machine is
+shared and noisy): the ratio is the median of the rounds' ratios (each pairs runs a few seconds apart), with
+their spread; times are medians over rounds.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ class Bare:
     """The unavoidable work of a step, on a fixed batch and the trainer's own model: its transformer and fusion
     (unwrapped) with an AdamW of their own, built as ``fluxfill.step.make_optimizer`` builds the trainer's.
     Two model instances step up to 2 ms apart on this machine (memory placement), so the bare step shares the
-    trainer's weights, rebound at the first step of each round. Returns (main-thread CPU s, wall s)."""
+    trainer's weights, rebound at the first step of each round. Clipping to ``train.max_grad_norm`` and the
+    schedule are not in it: they count as the loop's cost. Returns (main-thread CPU s, wall s)."""
 
     def __init__(self, p, cache):
         self.p, self.trainer = p, None
@@ -65,14 +66,15 @@ class Bare:
         if trainer is self.trainer:
             return
         acc = trainer.accelerator
+        assert acc.gradient_accumulation_steps == 1, "the bare step's zero_grad would drop accumulated gradients"
         self.transformer, self.fusion = acc.unwrap_model(trainer.transformer), acc.unwrap_model(trainer.fusion)
         self.opt = make_optimizer(self.p, self.transformer, self.fusion, torch.device("cpu"))
-        self.trainer, self.dtype, self.i = trainer, trainer.dtype, 0
+        self.trainer, self.dtype, self.region, self.i = trainer, trainer.dtype, trainer.loss_region, 0
 
     def __call__(self) -> tuple[float, float]:
         c, w = time.thread_time(), time.perf_counter()
-        out = flow_matching_step(self.transformer, self.fusion, self.batch, generator=torch.Generator().manual_seed(self.i),
-                                 dtype=self.dtype)
+        out = flow_matching_step(self.transformer, self.fusion, self.batch, self.region,
+                                 generator=torch.Generator().manual_seed(self.i), dtype=self.dtype)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ A file that an earlier stage or run wrote can be damaged, truncated or from anot
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import stat
@@ -103,10 +104,17 @@ def canonical(value):
 def umask_mode(path: Path) -> None:
     """Give ``path`` the mode any new file gets (0o666 less the umask): safetensors' ``save_file`` creates 0600
     files, which another user (a shared model folder, ComfyUI run by someone else) cannot read."""
-    probe = path.with_name(f".{path.name}.mode-probe")
+    os.chmod(path, _new_file_mode(Path(path).parent.resolve()))
+
+
+@functools.cache
+def _new_file_mode(folder: Path) -> int:
+    """The mode a new file in ``folder`` gets, from one probe file per folder and process (reading the umask
+    means setting it, which is not safe while other threads create files)."""
+    probe = folder / f".fluxfill-{os.getpid()}.mode-probe"
     probe.touch()
     try:
-        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
+        return stat.S_IMODE(probe.stat().st_mode)
     finally:
         probe.unlink()
 

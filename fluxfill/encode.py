@@ -333,20 +333,20 @@ def encode(params: Params, prepared: str | Path | None = None, output: str | Pat
     text_todo, vae_todo, vision_todo = pending("text"), pending("vae"), pending("vision")
     writer = _Writer(out, stop_after)
     job = _Job(params, prepared, out, dev, resolve_dtype(params.model.dtype, dev), DTYPES[params.encode.dtype], writer)
-    complete = True
+    complete, pool = True, ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read")
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-read") as pool:  # joined on any exit
-            images = vae_todo or vision_todo or not (out / GEOMETRY).exists()
-            batches = _image_batches(job, vae_todo, vision_todo, df.head(1)) if images else []
-            reads = _ahead(pool, lambda item: model_inputs(prepared, item[1]), batches)  # decoding starts now
-            if text_todo:
-                _release(*_encode_text(job, text_todo))
-                writer.flush()
-            if images:
-                _release(*_encode_images(job, reads, vae_todo, vision_todo))
+        images = vae_todo or vision_todo or not (out / GEOMETRY).exists()
+        batches = _image_batches(job, vae_todo, vision_todo, df.head(1)) if images else []
+        reads = _ahead(pool, lambda item: model_inputs(prepared, item[1]), batches)  # decoding starts now
+        if text_todo:
+            _release(*_encode_text(job, text_todo))
+            writer.flush()
+        if images:
+            _release(*_encode_images(job, reads, vae_todo, vision_todo))
     except _Stop:
         complete = False
     finally:
+        pool.shutdown(cancel_futures=True)  # joined on any exit; a read not yet started is dropped
         writer.close()  # waits for the pending writes
     if complete:
         _write_meta(params, prepared, out, df, shards, setting)
@@ -370,7 +370,9 @@ def _write_meta(params: Params, prepared: Path, out: Path, df: pd.DataFrame, sha
         os.replace(tmp, out / META)
     expected = {META, GEOMETRY} | {sh.name(ph) for sh in shards for ph in PHASES}
     own = [p for p in out.glob("*-?????.safetensors") if p.name.split("-")[0] in PHASES]  # shards, not others
-    for stale in sorted(p for p in own if p.name not in expected):
+    # and what an interrupted write left: temporary files, probes of the new-file mode (DVC would track them)
+    left = [*out.glob(".*.safetensors.tmp"), *out.glob(f".{META}.tmp"), *out.glob(".fluxfill-*.mode-probe")]
+    for stale in sorted(p for p in own if p.name not in expected) + left:
         stale.unlink()
 
 

@@ -512,8 +512,8 @@ def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, hist
     samples_per_s, losses, pending, grad_norm = 0.0, [], [], None
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
     micro = start * t.gradient_accumulation_steps
-    # redrawn at most once a second: a redraw costs ~0.2 ms, which a short step would pay every step
-    bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main, mininterval=1.0)
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step", disable=not main,
+               mininterval=1.0)  # a redraw costs ~0.2 ms: at most one a second, not one every short step
 
     def validate(at: int) -> None:
         nonlocal window_t
@@ -579,7 +579,7 @@ def _report(rows: list[dict], samples_per_s: float, bar, metrics: tracking.Metri
     last = rows[-1]
     metrics.add([*rows[:-1], {**last, "samples_per_s": samples_per_s}])
     alpha = last.get("fusion_weight", math.nan)
-    # drawn with the next step's update: one write to the terminal per step
+    # drawn with the bar's next redraw (at most one a second)
     bar.set_postfix(loss=f"{last['loss']:.4f}", alpha=f"{alpha:.4f}", sps=f"{samples_per_s:.1f}", refresh=False)
 
 

@@ -88,16 +88,32 @@ def test_cache_equals_direct_encode(cache, tiny):
     torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0])
 
 
-def test_second_encode_writes_nothing(cache):
-    params, _, out = cache
+def test_cache_files_get_the_umasks_mode_and_no_leftovers_stay(tmp_path):
+    """Every file readable as any new file is (safetensors' save_file alone creates 0600 files); what an
+    interrupted write left in the folder (temporary files, mode probes) is removed, so DVC does not track it."""
     import os
     import stat
 
-    umask = os.umask(0)
-    os.umask(umask)  # every file readable as any new file is (safetensors' save_file alone creates 0600 files)
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o666 & ~umask
-                                                                              for p in out.iterdir()}
-    assert len(list(out.iterdir())) == 11  # 9 shards, geometry, meta.json: no temporary or probe file left
+    make_prepared(tmp_path / "prepared", 3, PANEL)
+    out = tmp_path / "latents"
+    out.mkdir()
+    leftovers = [".text-00000.safetensors.tmp", f".{META}.tmp", ".fluxfill-123.mode-probe"]
+    for name in leftovers:
+        (out / name).write_bytes(b"left by a killed encode")
+    (out / ".gitignore").write_text("kept: not a file encode writes\n")
+    old = os.umask(0o022)
+    try:
+        encode(params_for(tmp_path), device="cpu")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {name: 0o644 for name in [".gitignore", META, GEOMETRY, *(f"{ph}-0000{i}.safetensors"
+                                                                            for ph in ("text", "vae", "vision")
+                                                                            for i in (0, 1))]}
+
+
+def test_second_encode_writes_nothing(cache):
+    params, _, out = cache
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = encode(params, device="cpu")
     assert again["written"] == [] and len(again["kept"]) == 9
@@ -319,7 +335,7 @@ def test_triptych_reads_start_under_the_text_phase(tmp_path, monkeypatch):
         return real_inputs(*args)
 
     def encode_prompts(*args):
-        seen.append(read.wait(timeout=30))  # only set before the text phase ends if the reads started before it
+        seen.append(read.wait(timeout=10))  # only set before the text phase ends if the reads started before it
         return real_prompts(*args)
 
     monkeypatch.setattr(encode_module, "model_inputs", model_inputs)
