@@ -506,8 +506,7 @@ def _loop(params, trainer: steps.Trainer, loader, ckpt_root, start, run_id, hist
         state = {"step": step, "run_id": run_id, "max_steps": t.max_steps, "history": history, **split}
         _save_checkpoint(accelerator, ckpt_root, state, t.keep_checkpoints)
 
-    fusion_module = accelerator.unwrap_model(fusion)
-    sampler = loader.batch_sampler
+    fusion_module, sampler = accelerator.unwrap_model(fusion), loader.batch_sampler
     step, window_t, window_samples = start, time.perf_counter(), 0
     samples_per_s, losses, pending, grad_norm = 0.0, [], [], None
     end = t.max_steps if stop_after is None else min(t.max_steps, start + stop_after)
