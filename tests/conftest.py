@@ -17,6 +17,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The file-mode tests expect 0o666 & ~umask; under a 077 umask that is the 0600 safetensors writes by itself,
+# and they could not fail. 022 for the whole session (subprocesses inherit it).
+os.umask(0o022)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
